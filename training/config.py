@@ -1,0 +1,159 @@
+"""Configs are data: one full default YAML per recipe family, small override files, ``key=value``.
+
+A recipe family lives in ``configs/<family>/default.yaml`` and lists every key. An override file
+holds only differences; it names its family with ``recipe: <family>`` or by living in
+``configs/<family>/``. Merging is strict: a key that is not in the default is an error that names
+the closest valid keys, so a typo never trains silently with a default value.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(os.environ.get("ZOO_CONFIG_DIR", Path(__file__).resolve().parents[1] / "configs"))
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be applied; the message says what to change."""
+
+
+def families() -> list[str]:
+    return sorted(p.parent.name for p in CONFIG_DIR.glob("*/default.yaml"))
+
+
+def default_config(family: str) -> dict[str, Any]:
+    path = CONFIG_DIR / family / "default.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown recipe family {family!r}; known: {', '.join(families())}")
+    return _read_yaml(path)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at top level, got {type(data).__name__}")
+    return data
+
+
+def _flat_keys(d: Mapping[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in d.items():
+        keys.append(prefix + k)
+        if isinstance(v, Mapping):
+            keys.extend(_flat_keys(v, prefix + k + "."))
+    return keys
+
+
+def _unknown(key: str, base: Mapping[str, Any], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, _flat_keys(base), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; run `zoo info` or read the default YAML"
+    return ConfigError(f"unknown config key {key!r} in {where}{hint}")
+
+
+def merge(base: dict[str, Any], override: Mapping[str, Any], where: str, _prefix: str = "") -> dict[str, Any]:
+    """Deep-merge ``override`` into a copy of ``base``; keys absent from ``base`` are errors."""
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        full = _prefix + k
+        if k not in out:
+            raise _unknown(full, _root_of(base, _prefix), where)
+        if isinstance(out[k], dict):
+            if not isinstance(v, Mapping):
+                raise ConfigError(f"config key {full!r} in {where} is a section; give its keys, e.g. {full}.<key>")
+            out[k] = merge(out[k], v, where, full + ".")
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _root_of(base: Mapping[str, Any], prefix: str) -> Mapping[str, Any]:
+    # Suggestions are computed over the section being merged, with its full dotted prefix.
+    return {prefix + k: v for k, v in base.items()} if prefix else base
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """``["train.epochs=3", "data.dataset=bloodmnist"]`` -> nested dict; values parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.epochs=3)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        value = yaml.safe_load(raw) if raw.strip() else None
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override of {p!r}")
+        node[parts[-1]] = value
+    return out
+
+
+def family_of(path: Path, data: Mapping[str, Any]) -> str:
+    if "recipe" in data:
+        return str(data["recipe"])
+    if (path.parent / "default.yaml").is_file():
+        return path.parent.name
+    raise ConfigError(
+        f"config {path} does not say which recipe family it overrides: add a line `recipe: <family>` "
+        f"(families: {', '.join(families())})"
+    )
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config named by path, or relative to ``configs/`` (``medalmighty/fast.yaml``)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    q = CONFIG_DIR / p
+    if q.is_file():
+        return q
+    raise ConfigError(f"config file not found: {path} (looked in the working directory and {CONFIG_DIR})")
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    family: str | None = None,
+    extra_files: Iterable[str | Path] = (),
+) -> dict[str, Any]:
+    """Resolve a config: family default <- override file(s) <- ``key=value`` overrides.
+
+    Args:
+        path: an override file (or a full config); ``None`` uses the family default alone.
+        overrides: ``key=value`` strings, applied last.
+        family: the recipe family when ``path`` is ``None``.
+        extra_files: more override files applied after ``path`` (e.g. a zoo entry's pins).
+    """
+    files = [resolve_config_path(p) for p in ([path] if path is not None else []) + list(extra_files)]
+    datas = [_read_yaml(p) for p in files]
+    if family is None:
+        if not files:
+            raise ConfigError("load_config needs a config file or a recipe family")
+        family = family_of(files[0], datas[0])
+    cfg = default_config(family)
+    for p, d in zip(files, datas):
+        cfg = merge(cfg, d, str(p))
+    cfg = merge(cfg, parse_overrides(overrides), "command-line overrides")
+    return cfg
+
+
+def dump_config(cfg: Mapping[str, Any]) -> str:
+    return yaml.safe_dump(dict(cfg), sort_keys=False)

@@ -1,0 +1,166 @@
+"""The ``zoo`` command: list, info, build, train, eval, predict.
+
+Every command ends with a one-line summary; expected failures (bad names, configs, files) print a
+one-line ``zoo: error: ...`` that says what to do, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+from training.config import ConfigError
+from zoo import store
+from zoo.registry import UnknownModelError
+
+
+def _cmd_list(a) -> str:
+    from zoo.api import list_models
+
+    names = list_models(a.pattern)
+    built = 0
+    for n in names:
+        mark = store.is_built(n)
+        built += mark
+        if not a.built or mark:
+            print(f"{n}{'  [built]' if mark else ''}")
+    if not names:
+        return f"no zoo model matches {a.pattern!r}"
+    return f"{len(names)} models{' matching ' + repr(a.pattern) if a.pattern else ''}, {built} built in {store.zoo_home()}"
+
+
+def _cmd_info(a) -> str:
+    from zoo.api import read_config
+    from zoo.registry import get_entry
+
+    e = get_entry(a.name)
+    for k, v in e.to_dict().items():
+        print(f"{k:12s} {v}")
+    if store.is_built(e.name):
+        d = store.entry_dir(e.name)
+        m = json.loads((d / "metrics.json").read_text())
+        cfg = read_config(d)
+        print(f"{'built':12s} {d} ({cfg['created']})")
+        print(f"{'test':12s} acc {m['test']['acc']:.4f}  auc {m['test']['auc']:.4f}")
+        return f"{e.name}: built, card at {d / 'README.md'}"
+    return f"{e.name}: not built; build it with `zoo build {e.name}`"
+
+
+def _cmd_build(a) -> str:
+    from zoo.api import build
+
+    t0 = time.perf_counter()
+    d = build(a.name, a.overrides, progress=not a.quiet, config_files=a.config)
+    m = json.loads((d / "metrics.json").read_text())
+    print(f"entry: {d}\ncard:  {d / 'README.md'}")
+    return (f"built {a.name} in {time.perf_counter() - t0:.1f} s: test acc {m['test']['acc']:.4f} "
+            f"auc {m['test']['auc']:.4f} (val auc {m['val']['auc']:.4f})")
+
+
+def _cmd_train(a) -> str:
+    from training.build import train_config
+
+    t0 = time.perf_counter()
+    d = train_config(a.config, a.overrides, progress=not a.quiet)
+    m = json.loads((d / "metrics.json").read_text())
+    print(f"run:  {d}\ncard: {d / 'README.md'}")
+    return (f"trained {d.name} in {time.perf_counter() - t0:.1f} s: test acc {m['test']['acc']:.4f} "
+            f"auc {m['test']['auc']:.4f}")
+
+
+def _cmd_eval(a) -> str:
+    from zoo.api import evaluate, load
+
+    r = evaluate(load(a.name), split=a.split)
+    probs = r.pop("probs")
+    if a.save_scores:
+        np.save(a.save_scores, probs)
+    if a.json:
+        print(json.dumps(r))
+    else:
+        print(f"{r['model']} on {r['dataset']}/{r['split']} ({r['n']} images): acc {r['acc']:.4f}  auc {r['auc']:.4f}")
+    return f"evaluated {r['model']} on {r['split']}: acc {r['acc']:.4f} auc {r['auc']:.4f}"
+
+
+def _cmd_predict(a) -> str:
+    from PIL import Image, UnidentifiedImageError
+
+    from zoo.api import load
+
+    model = load(a.name)
+    images = []
+    for p in a.images:
+        try:
+            images.append(Image.open(p))
+        except (OSError, UnidentifiedImageError) as e:
+            raise ValueError(f"cannot read {p} as an image ({e}); give PNG or JPEG files") from None
+    pred = model.predict(images)
+    for p, lab, probs in zip(a.images, pred.labels, pred.probs):
+        print(json.dumps({"image": p, "label": lab, "probs": [round(float(x), 6) for x in probs]}))
+    return f"predicted {len(pred)} image(s) with {a.name}"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zoo", description="MedMNIST model zoo: list, build, evaluate, predict.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("list", help="list zoo models")
+    s.add_argument("pattern", nargs="?", help="glob or substring, e.g. 'baseline-*' or pathmnist")
+    s.add_argument("--built", action="store_true", help="only entries built in ZOO_HOME")
+    s.set_defaults(fn=_cmd_list)
+    s = sub.add_parser("info", help="show a zoo entry")
+    s.add_argument("name")
+    s.set_defaults(fn=_cmd_info)
+    s = sub.add_parser("build", help="train a zoo entry with its recipe into ZOO_HOME")
+    s.add_argument("name")
+    s.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.epochs=3")
+    s.add_argument("--config", action="append", default=[], metavar="YAML",
+                   help="override file applied on the entry's recipe, e.g. medalmighty/cpu-fast.yaml (repeatable)")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(fn=_cmd_build)
+    s = sub.add_parser("train", help="run a recipe config into a run folder")
+    s.add_argument("config", help="a YAML file (path, or relative to configs/)")
+    s.add_argument("overrides", nargs="*", help="key=value config overrides")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=_cmd_train)
+    s = sub.add_parser("eval", help="ACC/AUC of a built model on a MedMNIST split")
+    s.add_argument("name", help="zoo name, or the folder of a built entry / run")
+    s.add_argument("--split", default="test", choices=["train", "val", "test"])
+    s.add_argument("--json", action="store_true", help="print one JSON object (acc, auc, n, ...)")
+    s.add_argument("--save-scores", metavar="PATH", help="save the (N, C) probabilities as .npy")
+    s.set_defaults(fn=_cmd_eval)
+    s = sub.add_parser("predict", help="classify image files")
+    s.add_argument("name")
+    s.add_argument("images", nargs="+")
+    s.set_defaults(fn=_cmd_predict)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    from zoo.api import NotBuiltError
+    from zoo.data import DatasetNotFoundError
+
+    expected = (ConfigError, UnknownModelError, NotBuiltError, DatasetNotFoundError, store.WeightsCorruptedError,
+                ValueError, FileNotFoundError, OSError)
+    try:
+        summary = a.fn(a)
+    except expected as e:
+        msg = str(e).replace("\n", " ")
+        print(f"zoo: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("zoo: interrupted", file=sys.stderr)
+        return 130
+    # Summaries go to stderr when stdout carries JSON, so `zoo eval --json` stays parseable.
+    print(summary, file=sys.stderr if getattr(a, "json", False) else sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+

@@ -1,0 +1,235 @@
+"""MedMNIST v2 (2D) data: metadata from ``medmnist.INFO``, splits held in memory as uint8 tensors.
+
+Files are read from a root folder: ``$MEDMNIST_ROOT`` when set, else medmnist's default root
+(``~/.medmnist``). ``<flag>.npz`` holds 28 px images, ``<flag>_<size>.npz`` the MedMNIST+ sizes
+64/128/224. A missing file is downloaded with medmnist when allowed and possible; offline, the error
+names the path and where to get the file.
+
+Images stay uint8 (N, C, H, W) in memory; :func:`preprocess` turns a batch into model input
+(resize, channel replication, normalisation) on the fly, for training, evaluation and ``predict``
+alike, so there is one definition of preprocessing.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+TASKS = ("binary-class", "multi-class", "multi-label, binary-class", "ordinal-regression")
+SIZES = (28, 64, 128, 224)
+SPLITS = ("train", "val", "test")
+
+
+def _info() -> dict:
+    # Imported lazily: `import medmnist` pulls in torchvision and creates ~/.medmnist.
+    from medmnist import INFO
+
+    return INFO
+
+
+def datasets_2d() -> list[str]:
+    """The 12 MedMNIST v2 2D dataset flags, in medmnist's order."""
+    return [k for k in _info() if not k.endswith("3d")]
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the zoo needs to know about one MedMNIST dataset."""
+
+    flag: str
+    task: str
+    n_channels: int
+    labels: tuple[str, ...]
+    n_samples: dict
+    license: str
+    description: str
+
+    @property
+    def num_outputs(self) -> int:
+        """Model outputs: one logit for binary tasks (BCE), one per label or class otherwise."""
+        return 1 if self.task == "binary-class" else len(self.labels)
+
+    def url(self, size: int = 28) -> str:
+        return _info()[self.flag]["url" if size == 28 else f"url_{size}"]
+
+    def md5(self, size: int = 28) -> str:
+        return _info()[self.flag]["MD5" if size == 28 else f"MD5_{size}"]
+
+
+def dataset_info(flag: str) -> DatasetInfo:
+    info = _info()
+    flags = datasets_2d()
+    if flag not in flags:
+        close = difflib.get_close_matches(flag, flags, n=3, cutoff=0.4)
+        hint = f" Did you mean {', '.join(close)}?" if close else f" Known: {', '.join(flags)}."
+        raise ValueError(f"unknown MedMNIST 2D dataset {flag!r}.{hint}")
+    d = info[flag]
+    labels = tuple(d["label"][str(i)] for i in range(len(d["label"])))
+    return DatasetInfo(
+        flag=flag,
+        task=d["task"],
+        n_channels=int(d["n_channels"]),
+        labels=labels,
+        n_samples=dict(d["n_samples"]),
+        license=d.get("license", "see medmnist.com"),
+        description=d["description"],
+    )
+
+
+def medmnist_root(root: str | os.PathLike | None = None) -> Path:
+    """The data root: the argument, else ``$MEDMNIST_ROOT``, else medmnist's default (~/.medmnist)."""
+    if root:
+        return Path(root).expanduser()
+    env = os.environ.get("MEDMNIST_ROOT")
+    if env:
+        return Path(env).expanduser()
+    return Path("~/.medmnist").expanduser()
+
+
+def npz_path(flag: str, size: int = 28, root: str | os.PathLike | None = None) -> Path:
+    if size not in SIZES:
+        raise ValueError(f"MedMNIST size must be one of {SIZES}, got {size}")
+    return medmnist_root(root) / (f"{flag}.npz" if size == 28 else f"{flag}_{size}.npz")
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A MedMNIST file is missing and could not be downloaded."""
+
+
+def _download(flag: str, size: int, path: Path) -> None:
+    from torchvision.datasets.utils import download_url
+
+    info = dataset_info(flag)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    download_url(info.url(size), root=str(path.parent), filename=path.name, md5=info.md5(size))
+
+
+def ensure_file(flag: str, size: int = 28, root=None, download: bool = True) -> Path:
+    info = dataset_info(flag)
+    path = npz_path(flag, size, root)
+    if path.is_file():
+        return path
+    reason = "download disabled (data.download=false)"
+    if download and os.environ.get("HF_HUB_OFFLINE") != "1":
+        try:
+            _download(flag, size, path)
+            if path.is_file():
+                return path
+        except Exception as e:  # offline, proxy, checksum: all end in the same advice
+            reason = f"download failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    raise DatasetNotFoundError(
+        f"MedMNIST file not found: {path} ({reason}). Download {info.url(size)} to that path, "
+        f"or set MEDMNIST_ROOT to the folder that holds {path.name}."
+    )
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split in memory: ``images`` uint8 (N, C, H, W), ``labels`` int64 (N, L)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+@functools.lru_cache(maxsize=8)
+def _load_npz(path: str, mtime: float) -> dict[str, Split]:
+    try:
+        npz = np.load(path)
+    except Exception as e:
+        raise ValueError(f"cannot read {path} as a MedMNIST npz file ({e}); delete it and download it again") from None
+    splits = {}
+    for split in SPLITS:
+        try:
+            imgs, labels = npz[f"{split}_images"], npz[f"{split}_labels"]
+        except KeyError as e:
+            raise ValueError(f"{path} lacks {e.args[0]!r}: not a MedMNIST 2D npz file") from None
+        if imgs.dtype != np.uint8 or imgs.ndim not in (3, 4):
+            raise ValueError(f"{path}: {split}_images must be uint8 (N,H,W) or (N,H,W,C), got {imgs.dtype} {imgs.shape}")
+        t = torch.from_numpy(np.ascontiguousarray(imgs))
+        t = t.unsqueeze(1) if t.ndim == 3 else t.permute(0, 3, 1, 2).contiguous()
+        lab = torch.from_numpy(labels.astype(np.int64).reshape(len(labels), -1))
+        splits[split] = Split(images=t, labels=lab)
+    return splits
+
+
+def load_split(flag: str, split: str, size: int = 28, root=None, download: bool = True) -> Split:
+    """Load one split of a MedMNIST dataset into memory (cached per file)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    info = dataset_info(flag)
+    path = ensure_file(flag, size, root, download)
+    data = _load_npz(str(path), path.stat().st_mtime)[split]
+    if data.images.shape[1] != info.n_channels:
+        raise ValueError(
+            f"{path}: {split} images have {data.images.shape[1]} channels but {flag} has {info.n_channels}"
+        )
+    return data
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Model-input preprocessing, read from a zoo entry: size, channels, mean/std."""
+
+    input_size: int
+    in_chans: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    resize: str = "bilinear"
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return preprocess(images, self)
+
+
+def preprocess(images: torch.Tensor, p: Preprocess) -> torch.Tensor:
+    """uint8 (N, C, H, W) or float in [0, 1] -> normalised float (N, in_chans, S, S).
+
+    Grey images are replicated to 3 channels only when the model takes 3; any other channel
+    mismatch is an error, as silently averaging colour away would change what the model sees.
+    """
+    x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
+    c = x.shape[1]
+    if c != p.in_chans:
+        if c == 1 and p.in_chans == 3:
+            x = x.expand(-1, 3, -1, -1)
+        else:
+            raise ValueError(
+                f"model expects {p.in_chans}-channel images, got {c} channels; "
+                f"convert the images to {'greyscale' if p.in_chans == 1 else 'RGB'} first"
+            )
+    if x.shape[-2:] != (p.input_size, p.input_size):
+        mode = p.resize
+        kw = {"align_corners": False, "antialias": True} if mode == "bilinear" else {}
+        x = F.interpolate(x, size=(p.input_size, p.input_size), mode=mode, **kw)
+    mean = torch.tensor(per_channel(p.mean, p.in_chans), dtype=x.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(per_channel(p.std, p.in_chans), dtype=x.dtype).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+def per_channel(v: Sequence[float], c: int) -> list[float]:
+    """A mean/std given once for all channels, or once per channel, as ``c`` values."""
+    v = list(v)
+    if len(v) == c:
+        return v
+    if len(v) == 1:
+        return v * c
+    raise ValueError(f"mean/std has {len(v)} values for {c} channels")
+
+
+def iterate_batches(
+    n: int, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
+):
+    """Index batches over ``range(n)``; in-memory data needs no DataLoader workers."""
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    for i in range(0, n, batch_size):
+        yield order[i : i + batch_size]
