@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def anchors_dir() -> Path:
     d = Path(os.environ.get("ANCHORS_DIR", ROOT.parent / "shared" / "anchors"))
     if not d.is_dir():
-        raise FileNotFoundError(f"published-figure CSVs not found in {d}; set ANCHORS_DIR to the folder that holds them")
+        raise FileNotFoundError(f"published-figure CSVs not found in {d}; set ANCHORS_DIR to the folder holding them")
     return d
 
 

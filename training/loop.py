@@ -137,6 +137,9 @@ def fit(
     n = x.shape[0]
     bs = int(cfg["batch_size"])
     steps = math.ceil(n / bs)
+    # A step budget for small datasets: 12 epochs of 546 images are too few updates to converge.
+    epochs_n = max(int(cfg["epochs"]), math.ceil(int(cfg.get("min_steps", 0)) / steps))
+    cfg = dict(cfg, epochs=epochs_n)
     model.to(device).train()
     cl = bool(cfg.get("channels_last", False)) and prep is not None
     if cl:
@@ -151,7 +154,7 @@ def fit(
     best_auc, best_epoch, best_state, best_val = -1.0, 0, None, {}
     history: list[dict[str, Any]] = []
     train_seconds = elapsed = 0.0
-    epochs = tqdm(range(1, int(cfg["epochs"]) + 1), desc=desc, disable=not progress, unit="ep")
+    epochs = tqdm(range(1, epochs_n + 1), desc=desc, disable=not progress, unit="ep")
     for epoch in epochs:
         t0 = time.perf_counter()
         sums = {"loss": 0.0, "task": 0.0, "kd": 0.0}

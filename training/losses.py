@@ -67,7 +67,9 @@ class MedAlmightyLoss(nn.Module):
         if teacher is None or self.alpha == 1.0:
             return {"loss": lt, "task": lt.detach(), "kd": torch.zeros((), device=lt.device)}
         if teacher.shape != student.shape:
-            raise ValueError(f"teacher logits {tuple(teacher.shape)} do not match student logits {tuple(student.shape)}")
+            raise ValueError(
+                f"teacher logits {tuple(teacher.shape)} do not match student logits {tuple(student.shape)}"
+            )
         lk = kd_loss(student, teacher, self.task, self.temperature)
         loss = self.alpha * lt + (1 - self.alpha) * self.temperature**2 * lk
         return {"loss": loss, "task": lt.detach(), "kd": lk.detach()}

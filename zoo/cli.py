@@ -30,7 +30,8 @@ def _cmd_list(a) -> str:
             print(f"{n}{'  [built]' if mark else ''}")
     if not names:
         return f"no zoo model matches {a.pattern!r}"
-    return f"{len(names)} models{' matching ' + repr(a.pattern) if a.pattern else ''}, {built} built in {store.zoo_home()}"
+    matching = f" matching {a.pattern!r}" if a.pattern else ""
+    return f"{len(names)} models{matching}, {built} built in {store.zoo_home()}"
 
 
 def _cmd_info(a) -> str:
@@ -104,6 +105,13 @@ def _cmd_predict(a) -> str:
     return f"predicted {len(pred)} image(s) with {a.name}"
 
 
+def _cmd_demo(a) -> str:
+    from zoo.demo import run
+
+    run(progress=not a.quiet)
+    return "demo finished"
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zoo", description="MedMNIST model zoo: list, build, evaluate, predict.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -136,6 +144,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("name")
     s.add_argument("images", nargs="+")
     s.set_defaults(fn=_cmd_predict)
+    s = sub.add_parser("demo", help="the README's end-to-end demo (BreastMNIST, CPU, minutes)")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=_cmd_demo)
     return p
 
 

@@ -105,11 +105,12 @@ class DatasetNotFoundError(FileNotFoundError):
 
 
 def _download(flag: str, size: int, path: Path) -> None:
-    from torchvision.datasets.utils import download_url
+    """medmnist's own download (Zenodo, MD5-checked) into the folder that ``path`` is in."""
+    import medmnist
 
-    info = dataset_info(flag)
     path.parent.mkdir(parents=True, exist_ok=True)
-    download_url(info.url(size), root=str(path.parent), filename=path.name, md5=info.md5(size))
+    dataset_class = getattr(medmnist, _info()[flag]["python_class"])
+    dataset_class(split="test", root=str(path.parent), download=True, size=size)
 
 
 def ensure_file(flag: str, size: int = 28, root=None, download: bool = True) -> Path:
@@ -118,13 +119,15 @@ def ensure_file(flag: str, size: int = 28, root=None, download: bool = True) -> 
     if path.is_file():
         return path
     reason = "download disabled (data.download=false)"
-    if download and os.environ.get("HF_HUB_OFFLINE") != "1":
+    if download:
         try:
             _download(flag, size, path)
             if path.is_file():
                 return path
         except Exception as e:  # offline, proxy, checksum: all end in the same advice
-            reason = f"download failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            cause = e.__cause__ or e.__context__ or e  # medmnist re-raises a generic RuntimeError
+            first = next((ln.strip() for ln in str(cause).splitlines() if ln.strip()), "")
+            reason = f"download failed: {type(cause).__name__}: {first}"
     raise DatasetNotFoundError(
         f"MedMNIST file not found: {path} ({reason}). Download {info.url(size)} to that path, "
         f"or set MEDMNIST_ROOT to the folder that holds {path.name}."
@@ -155,7 +158,9 @@ def _load_npz(path: str, mtime: float) -> dict[str, Split]:
         except KeyError as e:
             raise ValueError(f"{path} lacks {e.args[0]!r}: not a MedMNIST 2D npz file") from None
         if imgs.dtype != np.uint8 or imgs.ndim not in (3, 4):
-            raise ValueError(f"{path}: {split}_images must be uint8 (N,H,W) or (N,H,W,C), got {imgs.dtype} {imgs.shape}")
+            raise ValueError(
+                f"{path}: {split}_images must be uint8 (N,H,W) or (N,H,W,C), got {imgs.dtype} {imgs.shape}"
+            )
         t = torch.from_numpy(np.ascontiguousarray(imgs))
         t = t.unsqueeze(1) if t.ndim == 3 else t.permute(0, 3, 1, 2).contiguous()
         lab = torch.from_numpy(labels.astype(np.int64).reshape(len(labels), -1))

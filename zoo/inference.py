@@ -74,7 +74,9 @@ def _one_image(img, in_chans: int) -> torch.Tensor:
         if img.ndim == 2:
             img = img[None]
         if img.ndim != 3:
-            raise ValueError(f"predict: cannot read a tensor of shape {tuple(img.shape)} as an image; expected {_FORMS}")
+            raise ValueError(
+                f"predict: cannot read a tensor of shape {tuple(img.shape)} as an image; expected {_FORMS}"
+            )
         return _check_tensor(img)
     raise TypeError(f"predict: cannot read {type(img).__name__} as an image; expected {_FORMS}")
 

@@ -87,7 +87,9 @@ class ZooEntry:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
-            raise ValueError(f"zoo entry has unknown fields {sorted(unknown)}; is the zoo package older than the entry?")
+            raise ValueError(
+                f"zoo entry has unknown fields {sorted(unknown)}; is the zoo package older than the entry?"
+            )
         kw = dict(d)
         for k in ("labels", "mean", "std", "overrides"):
             if k in kw and kw[k] is not None:

@@ -1,0 +1,64 @@
+"""Regenerate the README's results section from ``benchmarks/results/*.json`` (figures never typed in).
+
+    python benchmarks/report.py          # rewrites the block between the results markers in README.md
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def baseline_table(p: Path = RESULTS / "baseline_resnet18_28.json") -> list[str]:
+    if not p.is_file():
+        return ["_Not run yet: `python benchmarks/baseline_resnet18_28.py`._"]
+    r = json.loads(p.read_text())
+    env = r["env"]
+    out = [f"Baseline ResNet-18 at 28 px on {env['cpu_threads']} CPU threads, next to {r['reference']} "
+           "(100 epochs). Checkpoint chosen on validation AUC; the last column reads the per-epoch test log.", "",
+           "| dataset | recipe | test ACC | published ACC | Δ ACC (pt) | test AUC | published AUC | epochs "
+           "| train time (s) | time to within 1 pt of published ACC (s) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for x in r["rows"]:
+        recipe = " ".join([f"`{x['config']}`", *x["overrides"]]) if "config" in x else "?"
+        tta = (f"{x['time_to_within_1pt_s']:.0f} (epoch {x['epoch_within_1pt']})"
+               if x["time_to_within_1pt_s"] is not None else "not reached")
+        out.append(f"| {x['dataset']} | {recipe} | {x['test_acc']:.3f} | {x['ref_acc']:.3f} | "
+                   f"{x['delta_acc_pt']:+.1f} | {x['test_auc']:.3f} | {x['ref_auc']:.3f} | {x['epochs']} | "
+                   f"{x['train_time_s']:.0f} | {tta} |")
+    return out
+
+
+def _distill() -> list[str]:
+    p = RESULTS / "distill_overhead.json"
+    if not p.is_file():
+        return ["_Not run yet: `python benchmarks/distill_overhead.py`._"]
+    r = json.loads(p.read_text())
+    return [f"Distillation cost ({r['arch']} on {r['dataset']}, teacher {r['teacher']}): median epoch "
+            f"{r['median_distill_epoch_s']:.2f} s distilled vs {r['median_plain_epoch_s']:.2f} s plain, "
+            f"ratio **{r['ratio']:.3f}** (target ≤ {r['target']}); the teacher's features and logits are "
+            f"computed once and cached ({r['first_run_with_teacher_cache_fill_s']:.0f} s for the first run)."]
+
+
+def render() -> str:
+    return "\n".join([START, "", *baseline_table(), "", *_distill(), "", END])
+
+
+def main() -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if START not in text or END not in text:
+        sys.exit(f"README.md lacks the {START} / {END} markers")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(head + render() + tail)
+    print(f"updated {readme}")
+
+
+if __name__ == "__main__":
+    main()
