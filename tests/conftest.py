@@ -3,7 +3,7 @@
 Every test gets a fresh ``ZOO_HOME`` and reads MedMNIST from a session-wide folder of small
 synthetic ``.npz`` files written in MedMNIST's exact format (keys, dtypes, shapes) for one real flag
 of each task type, so ``medmnist.INFO`` metadata (labels, channels, task) applies unchanged.
-Nothing here touches the network: downloads and the hub are switched off.
+Nothing here touches the network: the hub is offline and MedMNIST downloads fail at once.
 """
 
 from __future__ import annotations
@@ -23,6 +23,11 @@ import torch
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
+# pytest puts tests/ on sys.path for this rootdir conftest, and tests/zoo/ (no __init__.py) would then
+# import as a namespace package called `zoo` when the repo root is not on sys.path (`pytest` rather
+# than `python -m pytest`): put the repo root first so `import zoo` is always the library.
+if sys.path[0] != str(REPO):
+    sys.path.insert(0, str(REPO))
 
 # flag -> (task, channels, classes or labels); the flags are real, so medmnist.INFO describes them.
 SYNTHETIC = {
@@ -34,7 +39,7 @@ SYNTHETIC = {
 SPLIT_SIZES = {"train": 96, "val": 48, "test": 48}
 TASK_FLAG = {task: flag for flag, (task, _, _) in SYNTHETIC.items()}
 
-# Offline everywhere: a missing MedMNIST file must never trigger a download attempt in tests.
+# Offline everywhere (hub and transformers); subprocesses get these too.
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 THREADS_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -92,13 +97,20 @@ def medmnist_root(tmp_path_factory) -> Path:
     return root
 
 
+def _no_download(flag, size, path):
+    raise ConnectionError(f"tests do not download ({flag}, {size} px)")
+
+
 @pytest.fixture(autouse=True)
 def _isolated(monkeypatch, tmp_path, medmnist_root):
-    """A fresh store per test, the synthetic data root, and no network."""
+    """A fresh store per test, the synthetic data root, and no network (a missing file fails at once)."""
+    from zoo import data
+
     monkeypatch.setenv("ZOO_HOME", str(tmp_path / "zoo_home"))
     monkeypatch.setenv("MEDMNIST_ROOT", str(medmnist_root))
     for k, v in OFFLINE_ENV.items():
         monkeypatch.setenv(k, v)
+    monkeypatch.setattr(data, "_download", _no_download)
 
 
 @pytest.fixture(scope="session")
@@ -170,6 +182,15 @@ def built_resnet18_breast(session_env) -> Path:
                  progress=False)
 
 
+@pytest.fixture(scope="session")
+def built_linear_breast(session_env, tiny_teacher_dir) -> Path:
+    """``linear-dinov2-vits14-breastmnist`` built on the tiny DINOv2 (a few probe epochs)."""
+    from zoo.api import build
+
+    return build("linear-dinov2-vits14-breastmnist",
+                 [f"teacher.backbone={tiny_teacher_dir}", "probe.epochs=5", "data.download=false"], progress=False)
+
+
 def install(entry_folder: Path, name: str | None = None) -> Path:
     """Copy a built entry folder into the current test's store (so it loads by name there)."""
     from zoo import store
@@ -185,11 +206,13 @@ def flip_byte(path: Path, offset: int = -100) -> None:
     path.write_bytes(bytes(data))
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 300, popen: bool = False):
-    """``python -m zoo.cli ARGS`` in a subprocess with this test's ZOO_HOME / MEDMNIST_ROOT."""
+def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m zoo.cli ARGS`` in a subprocess with ``env`` (ZOO_HOME, MEDMNIST_ROOT) added.
+
+    Subprocesses are not covered by the autouse no-download patch: pass ``data.download=false`` to
+    any command that could miss a file.
+    """
     full_env = {**os.environ, **OFFLINE_ENV, **THREADS_ENV, **(env or {})}
     cmd = [sys.executable, "-m", "zoo.cli", *args]
-    if popen:
-        return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+

@@ -22,8 +22,11 @@ from training.loop import fit, seed_everything
 from training.losses import MedAlmightyLoss
 from training.teacher import Teacher, features, load_teacher, teacher_logits, train_probe
 from zoo import store
+from zoo.api import evaluate, load
 from zoo.card import render_card
 from zoo.data import SPLITS, Preprocess, dataset_info, load_split, per_channel
+from zoo.inference import logits_to_probs
+from zoo.metrics import compute_metrics
 from zoo.models import LinearClassifier, create_student
 from zoo.registry import MEDMNIST_MEAN, MEDMNIST_STD, METHODS, STUDENT_ARCHS, TEST_ARCHS, ZooEntry
 
@@ -39,7 +42,8 @@ def _check(cfg: dict[str, Any]) -> None:
     dataset_info(cfg["data"]["dataset"])  # unknown flags fail here, with suggestions
 
 
-def entry_for(cfg: dict[str, Any], base: ZooEntry | None, teacher: Teacher | None) -> ZooEntry:
+def entry_for(cfg: dict[str, Any], base: ZooEntry | None, teacher: Teacher | None,
+              recipe: str = "medalmighty/default.yaml") -> ZooEntry:
     """The entry a run produces: the registry entry (if any) with the run's actual preprocessing."""
     info = dataset_info(cfg["data"]["dataset"])
     method = cfg["method"]
@@ -61,10 +65,11 @@ def entry_for(cfg: dict[str, Any], base: ZooEntry | None, teacher: Teacher | Non
                   resize=p.resize, teacher=lineage, license=info.license)
     if base is not None:
         return dataclasses.replace(base, **fields)
-    return ZooEntry(recipe="(config file)", **fields)
+    return ZooEntry(recipe=recipe, **fields)
 
 
-def run(cfg: dict[str, Any], out: Path, base: ZooEntry | None = None, progress: bool = True) -> dict[str, Any]:
+def run(cfg: dict[str, Any], out: Path, base: ZooEntry | None = None, progress: bool = True,
+        recipe: str = "medalmighty/default.yaml") -> dict[str, Any]:
     """Train what ``cfg`` describes and write the entry files into the folder ``out``."""
     _check(cfg)
     t_start = time.perf_counter()
@@ -89,15 +94,12 @@ def run(cfg: dict[str, Any], out: Path, base: ZooEntry | None = None, progress: 
                    "teacher_input_size": teacher.prep.input_size, "pooling": teacher.backbone.pooling}
         if method == "medalmighty":
             logits = teacher_logits(teacher, head, feats, cfg)
-            from zoo.inference import logits_to_probs
-            from zoo.metrics import compute_metrics
-
             lineage["teacher_metrics"] = {
                 s: compute_metrics(splits[s].labels.numpy(), logits_to_probs(logits[s], info.task).numpy(), info.task)
                 for s in ("val", "test")
             }
 
-    entry = entry_for(cfg, base, teacher)
+    entry = entry_for(cfg, base, teacher, recipe)
     out.mkdir(parents=True, exist_ok=True)
     if method == "linear":
         net = LinearClassifier(teacher.backbone, info.num_outputs)
@@ -128,8 +130,6 @@ def run(cfg: dict[str, Any], out: Path, base: ZooEntry | None = None, progress: 
     (out / "config.yaml").write_text(dump_config(cfg))
 
     # The card's figures come from the saved files through the user's path: load + predict.
-    from zoo.api import evaluate, load
-
     model = load(out)
     results = {s: evaluate(model, s) for s in ("val", "test")}
     metrics = {
@@ -172,11 +172,16 @@ def build_entry(entry: ZooEntry, overrides: list[str], progress: bool = True, co
 def train_config(path: str, overrides: list[str], progress: bool = True) -> Path:
     """``zoo train CONFIG``: a run folder ``<output_dir>/<run_name>-<timestamp>``."""
     cfg = load_config(path, overrides=overrides)
+    recipe = str(path)
     info = dataset_info(cfg["data"]["dataset"])
     arch = cfg["model"]["arch"] if cfg["method"] != "linear" else "vit"
     name = cfg["run_name"] or f"{cfg['method']}-{arch}-{info.flag}"
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     target = Path(cfg["output_dir"]) / f"{name}-{stamp}"
+    n = 2
+    while target.exists():  # two runs in the same second keep both
+        target = Path(cfg["output_dir"]) / f"{name}-{stamp}-{n}"
+        n += 1
     with store.staged_dir(target) as tmp:
-        run(cfg, tmp, base=None, progress=progress)
+        run(cfg, tmp, base=None, progress=progress, recipe=recipe)
     return target

@@ -75,9 +75,29 @@ def merge(base: dict[str, Any], override: Mapping[str, Any], where: str, _prefix
             if not isinstance(v, Mapping):
                 raise ConfigError(f"config key {full!r} in {where} is a section; give its keys, e.g. {full}.<key>")
             out[k] = merge(out[k], v, where, full + ".")
+        elif isinstance(v, Mapping):
+            raise ConfigError(f"config key {full!r} in {where} is a value, not a section; set it as {full}=<value>")
         else:
-            out[k] = copy.deepcopy(v)
+            out[k] = _coerce(out[k], v, full, where)
     return out
+
+
+def _coerce(default: Any, value: Any, key: str, where: str) -> Any:
+    """Numbers stay numbers: YAML 1.1 reads ``1e-4`` (no dot) as a string, and ``3`` as an int."""
+    if isinstance(default, float) and not isinstance(value, bool):
+        if isinstance(value, int):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"config key {key!r} in {where} needs a number, got {value!r}") from None
+    if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"config key {key!r} in {where} needs an integer, got {value!r}") from None
+    return copy.deepcopy(value)
 
 
 def _root_of(base: Mapping[str, Any], prefix: str) -> Mapping[str, Any]:

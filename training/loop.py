@@ -71,7 +71,8 @@ def lr_factor(cfg: dict[str, Any], steps_per_epoch: int) -> Callable[[int], floa
     warm = int(float(cfg.get("warmup_epochs", 0)) * steps_per_epoch)
     kind = cfg["schedule"]
     if kind == "multistep":
-        marks = [int(round(m * epochs)) * steps_per_epoch for m in cfg.get("milestones", (0.5, 0.75))]
+        # Half-up rounding: 5 epochs with milestone 0.5 drop after epoch 3 (Python's round() would say 2).
+        marks = [math.floor(m * epochs + 0.5) * steps_per_epoch for m in cfg.get("milestones", (0.5, 0.75))]
         gamma = float(cfg.get("gamma", 0.1))
         return lambda step: gamma ** sum(step >= m for m in marks)
     if kind == "cosine":
@@ -157,6 +158,7 @@ def fit(
     epochs = tqdm(range(1, epochs_n + 1), desc=desc, disable=not progress, unit="ep")
     for epoch in epochs:
         t0 = time.perf_counter()
+        epoch_lr = opt.param_groups[0]["lr"]
         sums = {"loss": 0.0, "task": 0.0, "kd": 0.0}
         bar = tqdm(iterate_batches(n, bs, shuffle=True, generator=generator), total=steps, leave=False,
                    desc=f"epoch {epoch}", disable=not progress, unit="batch")
@@ -181,7 +183,7 @@ def fit(
         val_m = compute_metrics(val[1].numpy(), _scores(model, val[0], prep, task, eval_bs, device), task)
         # Time-to-accuracy counts training and validation, not the optional test logging below.
         elapsed += time.perf_counter() - t0
-        row = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], **{k: v / n for k, v in sums.items()},
+        row = {"epoch": epoch, "lr": epoch_lr, **{k: v / n for k, v in sums.items()},
                "val_acc": val_m["acc"], "val_auc": val_m["auc"], "epoch_train_s": round(epoch_train_s, 3),
                "elapsed_s": round(elapsed, 3)}
         if test is not None and cfg.get("log_test_every_epoch", False):

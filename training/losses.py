@@ -56,7 +56,7 @@ class MedAlmightyLoss(nn.Module):
         super().__init__()
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"distill.alpha must be in [0, 1], got {alpha}")
-        if temperature <= 0:
+        if not temperature > 0:  # also rejects NaN
             raise ValueError(f"distill.temperature must be > 0, got {temperature}")
         self.task, self.alpha, self.temperature = task, float(alpha), float(temperature)
 

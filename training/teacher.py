@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from training.loop import FitResult, fit
 from training.losses import MedAlmightyLoss
 from zoo import store
-from zoo.data import Preprocess, Split, preprocess
+from zoo.data import Preprocess, Split, fingerprint, preprocess
 from zoo.models import HFBackbone, backbone_normalisation, state_dict_sha256
 from zoo.registry import registry
 
@@ -87,7 +87,7 @@ def features(teacher: Teacher, splits: dict[str, Split], cfg: dict[str, Any], pr
     """Pooled backbone features (N, D) per split, from the cache when the same teacher saw the same data."""
     d = cfg["data"]
     key = _key(kind="features", backbone=teacher.sha256, dataset=d["dataset"], size=d["size"],
-               prep=asdict(teacher.prep), pooling=teacher.backbone.pooling)
+               data=fingerprint(splits), prep=asdict(teacher.prep), pooling=teacher.backbone.pooling)
     path = cache_dir() / f"features-{key}.safetensors"
     if path.is_file():
         cached = load_file(path)
@@ -119,10 +119,12 @@ def train_probe(feats: dict[str, torch.Tensor], splits: dict[str, Split], task: 
 @torch.no_grad()
 def teacher_logits(teacher: Teacher, head: nn.Linear, feats: dict[str, torch.Tensor], cfg: dict[str, Any]
                    ) -> dict[str, torch.Tensor]:
-    """Teacher logits per split, cached under the hash of backbone and head weights."""
+    """Teacher logits per split, cached under the hash of head weights and of the features they read
+    (which already carry the backbone, data and preprocessing)."""
     d = cfg["data"]
+    feat_sha = hashlib.sha256(b"".join(feats[s].contiguous().numpy().tobytes() for s in sorted(feats))).hexdigest()
     key = _key(kind="logits", backbone=teacher.sha256, head=state_dict_sha256(head), dataset=d["dataset"],
-               size=d["size"], prep=asdict(teacher.prep), pooling=teacher.backbone.pooling)
+               size=d["size"], features=feat_sha, prep=asdict(teacher.prep), pooling=teacher.backbone.pooling)
     path = cache_dir() / f"logits-{key}.safetensors"
     if path.is_file():
         cached = load_file(path)

@@ -59,10 +59,10 @@ def render_card(entry: ZooEntry, config: dict[str, Any], metrics: dict[str, Any]
         "",
         "## Recipe",
         "",
-        f"- Recipe file `configs/{entry.recipe}` with overrides {list(entry.overrides)}; "
+        f"- Recipe `{entry.recipe}` with overrides {list(entry.overrides)}; "
         "the fully resolved config is in `config.json` / `config.yaml`.",
         f"- Data: MedMNIST `{cfg['data']['dataset']}` at {cfg['data']['size']} px, no augmentation.",
-        f"- Optimiser {t.get('optimizer', 'adam')} lr {t['lr']}, batch {t['batch_size']}, {t['epochs']} epochs"
+        f"- Optimiser {t.get('optimizer', 'adam')} lr {t['lr']}, batch {t['batch_size']}, {metrics['epochs']} epochs"
         + (f", schedule {t['schedule']}, amp {t['amp']}." if entry.method != "linear" else "."),
     ]
     if entry.method == "medalmighty":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -153,10 +154,10 @@ def _load_npz(path: str, mtime: float) -> dict[str, Split]:
         raise ValueError(f"cannot read {path} as a MedMNIST npz file ({e}); delete it and download it again") from None
     splits = {}
     for split in SPLITS:
-        try:
-            imgs, labels = npz[f"{split}_images"], npz[f"{split}_labels"]
-        except KeyError as e:
-            raise ValueError(f"{path} lacks {e.args[0]!r}: not a MedMNIST 2D npz file") from None
+        missing = [k for k in (f"{split}_images", f"{split}_labels") if k not in npz.files]
+        if missing:
+            raise ValueError(f"{path} lacks {', '.join(map(repr, missing))}: not a MedMNIST 2D npz file")
+        imgs, labels = npz[f"{split}_images"], npz[f"{split}_labels"]
         if imgs.dtype != np.uint8 or imgs.ndim not in (3, 4):
             raise ValueError(
                 f"{path}: {split}_images must be uint8 (N,H,W) or (N,H,W,C), got {imgs.dtype} {imgs.shape}"
@@ -229,6 +230,17 @@ def per_channel(v: Sequence[float], c: int) -> list[float]:
     if len(v) == 1:
         return v * c
     raise ValueError(f"mean/std has {len(v)} values for {c} channels")
+
+
+def fingerprint(splits: dict[str, Split]) -> str:
+    """A content hash of in-memory splits: caches keyed on it never serve results of other images."""
+    h = hashlib.sha256()
+    for name in sorted(splits):
+        s = splits[name]
+        h.update(f"{name}:{tuple(s.images.shape)}:{tuple(s.labels.shape)}".encode())
+        h.update(s.images.contiguous().numpy().tobytes())
+        h.update(s.labels.contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def iterate_batches(

@@ -63,13 +63,13 @@ def _one_image(img, in_chans: int) -> torch.Tensor:
     except ImportError:  # pragma: no cover - Pillow is a dependency
         Image = None
     if Image is not None and isinstance(img, Image.Image):
-        img = np.asarray(img.convert("L" if in_chans == 1 else "RGB"))
+        img = np.array(img.convert("L" if in_chans == 1 else "RGB"))
     if isinstance(img, np.ndarray):
         if img.ndim == 2:
             img = img[:, :, None]
         if img.ndim != 3:
             raise ValueError(f"predict: cannot read an array of shape {img.shape} as an image; expected {_FORMS}")
-        return _from_numpy(img).permute(2, 0, 1)
+        return _from_numpy(img).permute(2, 0, 1).contiguous()
     if isinstance(img, torch.Tensor):
         if img.ndim == 2:
             img = img[None]
@@ -105,7 +105,8 @@ def _check_tensor(t: torch.Tensor) -> torch.Tensor:
 def to_batch(images, in_chans: int) -> list[torch.Tensor]:
     """Any accepted input -> a list of (N_i, C, H, W) tensors (one per distinct image size)."""
     if isinstance(images, np.ndarray) and images.ndim == 4:
-        items = [_from_numpy(images).permute(0, 3, 1, 2)]
+        # contiguous: the same memory layout as the npz-loaded tensors, so results match bit for bit
+        items = [_from_numpy(images).permute(0, 3, 1, 2).contiguous()]
     elif isinstance(images, np.ndarray) and images.ndim == 3 and images.shape[-1] not in (1, 3, 4):
         items = [_from_numpy(images)[:, None]]  # (N, H, W) grey batch, as MedMNIST stores it
     elif isinstance(images, torch.Tensor) and images.ndim == 4:

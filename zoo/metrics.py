@@ -62,6 +62,8 @@ def compute_metrics(y_true: np.ndarray, y_score: np.ndarray, task: str) -> dict[
     {'acc': 1.0, 'auc': 1.0}
     """
     y, s = _check(y_true, y_score, task)
+    if not bool(torch.isfinite(s).all()):
+        raise ValueError("scores contain NaN or infinity; check the model's outputs")
     if float(s.min()) < 0 or float(s.max()) > 1:
         raise ValueError("scores must be probabilities in [0, 1]; apply softmax/sigmoid first")
     if task == "binary-class":
