@@ -75,7 +75,11 @@ def main() -> None:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Rows of datasets not re-run this time are kept, so one dataset can be redone alone.
-    old = json.loads(out.with_suffix(".json").read_text())["rows"] if out.with_suffix(".json").is_file() else []
+    prev = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else {"rows": []}
+    old = prev["rows"]
+    for r in old:  # files from before rows carried their recipe kept it in `env`
+        r.setdefault("config", prev.get("env", {}).get("config"))
+        r.setdefault("overrides", prev.get("env", {}).get("overrides", []))
     done = {r["dataset"] for r in rows}
     order = {f: i for i, f in enumerate(LOCAL)}
     rows = sorted([r for r in old if r["dataset"] not in done] + rows, key=lambda r: order.get(r["dataset"], 99))

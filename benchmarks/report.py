@@ -45,8 +45,16 @@ def _distill() -> list[str]:
             f"computed once and cached ({r['first_run_with_teacher_cache_fill_s']:.0f} s for the first run)."]
 
 
+def _export() -> list[str]:
+    p = RESULTS / "export_latency.md"  # written by benchmarks/export_latency.py
+    if not p.is_file():
+        return ["_Not run yet: `python benchmarks/export_latency.py`._"]
+    return ["Export (`benchmarks/export_latency.py`): batch-1 CPU latency side by side, and test accuracy "
+            "through onnxruntime.", "", *p.read_text().strip().splitlines()]
+
+
 def render() -> str:
-    return "\n".join([START, "", *baseline_table(), "", *_distill(), "", END])
+    return "\n".join([START, "", *baseline_table(), "", *_distill(), "", *_export(), "", END])
 
 
 def main() -> None:

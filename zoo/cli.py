@@ -1,4 +1,4 @@
-"""The ``zoo`` command: list, info, build, train, eval, predict.
+"""The ``zoo`` command: list, info, build, train, eval, predict, export.
 
 Every command ends with a one-line summary; expected failures (bad names, configs, files) print a
 one-line ``zoo: error: ...`` that says what to do, and exit with status 2.
@@ -105,6 +105,23 @@ def _cmd_predict(a) -> str:
     return f"predicted {len(pred)} image(s) with {a.name}"
 
 
+def _cmd_export(a) -> str:
+    from export import export
+
+    kw = {"opset": a.opset, "with_localization": a.with_localization, "max_images": a.max_images}
+    if a.format == "tensorrt":
+        kw["precision"] = a.precision or "fp16"
+    elif a.precision is not None:
+        raise ValueError(f"--precision applies to --format tensorrt; {a.format} fixes its own precision")
+    r = export(a.name, a.format, out=a.out, **kw)
+    acc, parity = r.receipt["accuracy"], r.receipt["parity"]
+    print(f"files:   {r.dir}\nreceipt: {r.dir / 'export.json'}")
+    got, ref = ({k: "n/a" if v is None else f"{v:.4f}" for k, v in acc[s].items()} for s in ("exported", "torch"))
+    return (f"exported {a.name} as {a.format} to {r.path}: {acc['runtime']} test acc {got['acc']} auc {got['auc']} "
+            f"(torch {ref['acc']} / {ref['auc']}), max |logit diff| {parity['max_abs_logit_diff']:.2g}, "
+            f"labels agree on {parity['n'] - parity['labels_differ']}/{parity['n']}")
+
+
 def _cmd_demo(a) -> str:
     from zoo.demo import run
 
@@ -144,6 +161,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("name")
     s.add_argument("images", nargs="+")
     s.set_defaults(fn=_cmd_predict)
+    s = sub.add_parser("export", help="export a built model to ONNX (FP32/FP16/INT8) or TensorRT, with receipts")
+    s.add_argument("name", help="zoo name, or the folder of a built entry / run")
+    s.add_argument("--format", default="onnx", metavar="FORMAT", help="onnx | onnx-fp16 | onnx-int8 | tensorrt")
+    s.add_argument("--out", metavar="DIR", help="output folder (default: <ZOO_HOME>/<name>/export/<format>/)")
+    s.add_argument("--opset", type=int, default=17, help="ONNX opset, 13-20 (default 17)")
+    s.add_argument("--with-localization", action="store_true",
+                   help="add a second output: class-activation maps (CNNs) or CLS attention (ViTs)")
+    s.add_argument("--precision", metavar="P", help="TensorRT engine precision: fp32 | fp16 (default) | int8")
+    s.add_argument("--max-images", type=int, metavar="N", help="check on N test images (default: the whole split)")
+    s.set_defaults(fn=_cmd_export)
     s = sub.add_parser("demo", help="the README's end-to-end demo (BreastMNIST, CPU, minutes)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=_cmd_demo)

@@ -1,0 +1,536 @@
+"""ONNX export of zoo models (FP32, FP16, INT8), checked against torch and measured on the test split.
+
+Every export runs the same steps:
+
+1. Trace ``ZooModel.net`` (adapters merged, optional localization output, see :mod:`export.graph`)
+   with torch's TorchScript exporter (``dynamo=False``: one self-contained file, weights embedded,
+   which ONNX Runtime's quantisation pre-processing needs). Dynamic batch axis; channels and input
+   size fixed from the zoo entry; the graph takes normalised input as ``ZooModel.net`` does.
+2. Optimise offline with ONNX Runtime at the *basic* level (constant folding, Conv+BN fusion, ...):
+   only standard ONNX ops, so the file stays portable (TensorRT, other runtimes). Hardware-specific
+   fusions are applied by ONNX Runtime when a session loads the file.
+3. Parity: the FP32 file runs in onnxruntime on the real test split of the entry's dataset and is
+   compared with ``predict_logits(model.net, ...)``: max abs logit difference <= ``atol`` (1e-4) and
+   the same predicted labels on every image, or the export fails with :class:`ParityError`.
+4. ``onnx-fp16``: FP16 weights and compute, FP32 input/output. ``onnx-int8``: static QDQ
+   quantisation calibrated on training images for CNNs (dynamic MatMul quantisation for ViTs, where
+   static activation ranges do not suit attention); with a CAM output only Conv/MatMul are
+   quantised. Either must keep test ACC within ``max_acc_drop`` points of torch (never less than
+   one test image), or the export fails.
+5. The receipt ``export.json`` (parity, test ACC/AUC through onnxruntime next to torch's, file
+   hash, versions), ``preprocess.json`` and the torch-free ``runner.py`` are written with the model
+   into the output folder, atomically (a failed export leaves the previous one in place).
+
+>>> from export import to_onnx
+>>> r = to_onnx("baseline-resnet18-breastmnist", "onnx-int8")        # doctest: +SKIP
+>>> r.receipt["accuracy"]                                             # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from export.graph import ExportError, ExportGraph, fixed_position_embeddings, merge_adapters
+from zoo import store
+from zoo.api import ZooModel, load
+from zoo.data import Split, load_split, per_channel, preprocess
+from zoo.inference import logits_to_probs, make_prediction, predict_logits
+from zoo.metrics import compute_metrics
+from zoo.registry import ZooEntry
+
+FORMATS = ("onnx", "onnx-fp16", "onnx-int8", "tensorrt")
+ONNX_FORMATS = FORMATS[:3]
+DEFAULT_OPSET = 17
+MIN_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear (INT8) needs opset 13
+MAX_OPSET = 20  # the highest opset torch's TorchScript exporter (dynamo=False) writes
+FP32_ATOL = 1e-4
+MAX_ACC_DROP_PT = 0.5
+CALIB_IMAGES = 256
+INPUT = "input"
+RUN_BATCH = 128
+RUNNER = Path(__file__).with_name("runner.py")
+
+
+class ParityError(ExportError):
+    """The exported model does not reproduce torch (logits, labels or accuracy) within tolerance."""
+
+
+@dataclasses.dataclass
+class ExportResult:
+    """What an export produced: the artifact's folder and file, and its receipt (``export.json``)."""
+
+    format: str
+    dir: Path
+    path: Path
+    receipt: dict[str, Any]
+
+
+# ----------------------------------------------------------------------------------------- checks
+
+
+def check_format(fmt: str, allowed: tuple[str, ...] = FORMATS) -> str:
+    if fmt not in allowed:
+        raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(allowed)}")
+    return fmt
+
+
+def check_opset(opset: int) -> int:
+    if not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(f"cannot export opset {opset}: the exporter writes ONNX opsets {MIN_OPSET}-{MAX_OPSET} "
+                          f"(default {DEFAULT_OPSET}); pass --opset in that range")
+    return opset
+
+
+# ----------------------------------------------------------------------------------------- the job
+
+
+@dataclasses.dataclass
+class Job:
+    """One export: the model, the traced graph, where its data and its output folder are."""
+
+    model: ZooModel
+    graph: ExportGraph
+    out: Path
+    opset: int
+
+    @property
+    def entry(self) -> ZooEntry:
+        return self.model.entry
+
+    def data_cfg(self) -> dict[str, Any]:
+        return self.model.info.get("config", {}).get("data", {})
+
+    def split(self, name: str, root=None) -> Split:
+        """A split of the entry's dataset, read with the entry's own data settings (as ``zoo.evaluate``)."""
+        d = self.data_cfg()
+        return load_split(self.entry.dataset, name, size=d.get("size", 28), root=root or d.get("root"),
+                          download=d.get("download", True))
+
+
+def prepare(model_or_name, fmt: str, out=None, opset: int = DEFAULT_OPSET, with_localization: bool = False) -> Job:
+    """Check the arguments, load the model (a zoo name, a built folder, or a ``ZooModel``) and pick ``out``."""
+    check_format(fmt)
+    check_opset(opset)
+    if isinstance(model_or_name, ZooModel):
+        model, home = model_or_name, None
+        if store.is_built(model.entry.name):
+            home = store.entry_dir(model.entry.name)
+    elif isinstance(model_or_name, torch.nn.Module):
+        raise ExportError("export takes a zoo name, a built entry folder or a ZooModel (zoo.load): the entry "
+                          "supplies input size, channels, normalisation and labels")
+    else:
+        model = load(model_or_name)
+        p = Path(str(model_or_name)).expanduser()
+        home = p if (p / "config.json").is_file() else store.entry_dir(model.entry.name)
+    if out is None:
+        if home is None:
+            raise ExportError(f"{model.entry.name} is not a built store entry; pass out=DIR (--out) for its export")
+        out = home / "export" / fmt
+    out = Path(out).expanduser()
+    if out.is_dir() and any(out.iterdir()) and not (out / "export.json").is_file():
+        raise ExportError(f"{out} exists and holds files that are not an export; exporting replaces the whole "
+                          "folder, so give an empty or new folder")
+    net = merge_adapters(model.net).eval()
+    graph = ExportGraph(net, model.entry.input_size, with_localization).eval()
+    return Job(model=model, graph=graph, out=out, opset=opset)
+
+
+# ----------------------------------------------------------------------------------------- torch side
+
+
+@dataclasses.dataclass
+class Reference:
+    """Torch's outputs on the evaluation images, and the images' labels."""
+
+    images: torch.Tensor  # uint8 (N, C, H, W), as stored
+    labels: np.ndarray
+    outputs: dict[str, np.ndarray]
+    split: str
+
+
+@torch.no_grad()
+def reference(job: Job, split: str = "test", max_images: int | None = None, root=None) -> Reference:
+    """Torch logits (``predict_logits`` on ``ZooModel.net``) and maps on the real split of the entry's dataset."""
+    if max_images is not None and max_images < 1:
+        raise ExportError(f"max_images must be at least 1, got {max_images}")
+    data = job.split(split, root)
+    images, labels = data.images, data.labels.numpy()
+    if max_images is not None and max_images < len(images):
+        idx = torch.linspace(0, len(images) - 1, max_images).round().long()  # spread over the split
+        images, labels = images[idx], labels[idx.numpy()]
+    prep = job.entry.preprocess
+    outputs = {"logits": predict_logits(job.graph.net, images, prep).numpy()}
+    if job.graph.map_name:
+        device = next(job.graph.parameters()).device
+        maps = [job.graph(preprocess(images[i : i + RUN_BATCH], prep).to(device))[1].float().cpu()
+                for i in range(0, len(images), RUN_BATCH)]
+        outputs[job.graph.map_name] = torch.cat(maps).numpy()
+    return Reference(images=images, labels=labels, outputs=outputs, split=split)
+
+
+def model_input(images: torch.Tensor, job: Job) -> np.ndarray:
+    return preprocess(images, job.entry.preprocess).numpy()
+
+
+# ----------------------------------------------------------------------------------------- ONNX files
+
+
+def export_fp32(job: Job, path: Path) -> Path:
+    """Trace ``job.graph`` into a self-contained ONNX file (weights embedded)."""
+    e = job.entry
+    device = next(job.graph.parameters()).device
+    dummy = torch.randn(2, e.in_chans, e.input_size, e.input_size, device=device)
+    names = job.graph.output_names
+    axes = {n: {0: "batch"} for n in [INPUT, *names]}
+    with warnings.catch_warnings(), fixed_position_embeddings(job.graph, e.input_size):
+        warnings.simplefilter("ignore")  # tracer warnings about Python ints in transformers' code
+        try:
+            torch.onnx.export(job.graph, (dummy,), str(path), dynamo=False, input_names=[INPUT], output_names=names,
+                              dynamic_axes=axes, opset_version=job.opset, do_constant_folding=True)
+        except Exception as ex:  # the exporter's own errors (unsupported op at this opset, ...)
+            first = next((ln for ln in str(ex).splitlines() if ln.strip()), type(ex).__name__)
+            raise ExportError(f"torch.onnx.export failed for {e.name} at opset {job.opset}: {first}") from ex
+    return path
+
+
+def session(path: Path, optimized_to: Path | None = None, level: str = "all"):
+    """An onnxruntime CPU session (threads as torch's); ``optimized_to`` saves the optimised graph."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = torch.get_num_threads()
+    so.log_severity_level = 3
+    so.graph_optimization_level = {
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[level]
+    if optimized_to is not None:
+        so.optimized_model_filepath = str(optimized_to)
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def optimize(src: Path, dst: Path) -> Path:
+    """ONNX Runtime's basic, hardware-independent graph optimisations, saved as a standard ONNX file."""
+    session(src, optimized_to=dst, level="basic")
+    return dst
+
+
+def to_fp16(src: Path, dst: Path) -> Path:
+    """FP16 weights and arithmetic; inputs and outputs stay FP32 (the same runner and preprocessing)."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "values clamped to fp16 range" for tiny weights
+        m = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    _toposort(m.graph)  # the converter appends the input Casts last; the ONNX spec wants producers first
+    onnx.save(m, str(dst))
+    return dst
+
+
+def _toposort(graph) -> None:
+    """Reorder ``graph.node`` so that every node comes after the producers of its inputs (stable)."""
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(i in ready for i in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            raise ExportError(f"the FP16 graph has a cycle or a missing input at node {rest[0].name!r}")
+        pending = rest
+    nodes = [type(n)() for n in ordered]
+    for dst, src in zip(nodes, ordered):
+        dst.CopyFrom(src)
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def calibration_images(job: Job, n: int, root=None) -> torch.Tensor:
+    """``n`` training images, a fixed random sample (seed 0), for INT8 activation ranges."""
+    train = job.split("train", root).images
+    g = torch.Generator().manual_seed(0)
+    return train[torch.randperm(len(train), generator=g)[: min(n, len(train))]]
+
+
+def int8_mode(job: Job, mode: str = "auto") -> str:
+    if mode not in ("auto", "static", "dynamic"):
+        raise ExportError(f"INT8 mode must be auto, static or dynamic, got {mode!r}")
+    if mode == "auto":
+        return "static" if job.entry.is_student else "dynamic"
+    return mode
+
+
+def quantize_int8(src: Path, dst: Path, job: Job, calib: torch.Tensor | None, mode: str,
+                  for_tensorrt: bool = False) -> dict[str, Any]:
+    """INT8 QDQ (static, calibrated) or MatMul-dynamic quantisation of the FP32 file ``src``.
+
+    ``for_tensorrt``: symmetric signed INT8 activations and weights (TensorRT takes only those
+    Q/DQ nodes) on Conv/MatMul/Gemm inputs. Returns the settings, for the receipt.
+    """
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = dst.with_name("pre_" + dst.name)
+    quant_pre_process(str(src), str(pre))
+    if mode == "dynamic":
+        if for_tensorrt:
+            raise ExportError("TensorRT cannot run dynamically quantised graphs; INT8 engines use static Q/DQ")
+        quantize_dynamic(str(pre), str(dst), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8)
+        return {"mode": "dynamic", "op_types": ["MatMul"], "weights": "int8 per-tensor"}
+    if calib is None or not len(calib):
+        raise ExportError("static INT8 quantisation needs calibration images")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(model_input(calib[i : i + 32], job) for i in range(0, len(calib), 32))
+
+        def get_next(self):
+            x = next(self.batches, None)
+            return None if x is None else {INPUT: x}
+
+    if job.graph.map_name == "cam":
+        # The fc weight feeds both the classifier (Gemm) and the CAM (Einsum): quantising the Gemm
+        # would rewrite a shared initializer, so only convolutions and matmuls are quantised.
+        ops = ["Conv", "MatMul"]
+    elif for_tensorrt:
+        ops = ["Conv", "MatMul", "Gemm"]
+    else:
+        ops = None  # every op ONNX Runtime quantises: Q/DQ pairs fold into integer kernels end to end
+    extra = {"ActivationSymmetric": True, "WeightSymmetric": True} if for_tensorrt else {}
+    act = QuantType.QInt8 if for_tensorrt else QuantType.QUInt8
+    quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=act, weight_type=QuantType.QInt8, op_types_to_quantize=ops,
+                    calibrate_method=CalibrationMethod.MinMax, extra_options=extra)
+    return {"mode": "static", "format": "QDQ", "calibration": {"split": "train", "images": len(calib), "seed": 0,
+                                                                "method": "minmax"},
+            "activations": "int8 symmetric" if for_tensorrt else "uint8 asymmetric", "weights": "int8 per-channel",
+            "op_types": ops or "all supported"}
+
+
+def check_model(path: Path) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as ex:
+        raise ExportError(f"{path.name} fails onnx.checker: {str(ex).splitlines()[0]}") from ex
+
+
+# ----------------------------------------------------------------------------------------- measuring
+
+
+def run_batches(run: Callable[[np.ndarray], list[np.ndarray]], ref: Reference, job: Job,
+                batch: int = RUN_BATCH) -> dict[str, np.ndarray]:
+    """Outputs of an exported model (``run``: input -> outputs) on the reference images, in batches."""
+    names = job.graph.output_names
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for i in range(0, len(ref.images), batch):
+        for n, o in zip(names, run(model_input(ref.images[i : i + batch], job))):
+            parts[n].append(np.asarray(o, dtype=np.float32))
+    return {n: np.concatenate(v) for n, v in parts.items()}
+
+
+def onnx_runner(path: Path) -> Callable[[np.ndarray], list[np.ndarray]]:
+    sess = session(path)
+    return lambda x: sess.run(None, {INPUT: x})
+
+
+def _metrics(logits: np.ndarray, labels: np.ndarray, task: str) -> dict[str, float | None]:
+    """Test ACC/AUC with medmnist's semantics; AUC is None when a subset lacks a class (``max_images``)."""
+    probs = logits_to_probs(torch.from_numpy(logits), task).numpy()
+    try:
+        return compute_metrics(labels, probs, task)
+    except ValueError as ex:
+        if "only one class" not in str(ex):
+            raise
+    y = labels.reshape(len(labels), -1)
+    if task in ("binary-class", "multi-label, binary-class"):
+        acc = float(((probs[:, -y.shape[1]:] > 0.5) == (y == 1)).mean())
+    else:
+        acc = float((probs.argmax(1) == y[:, 0]).mean())
+    return {"acc": acc, "auc": None}
+
+
+def _decisions(logits: np.ndarray, job: Job) -> list[tuple]:
+    e = job.entry
+    pred = make_prediction(logits_to_probs(torch.from_numpy(logits), e.task), e.task, e.labels)
+    return [tuple(s) for s in pred.label_sets]
+
+
+def compare(outputs: dict[str, np.ndarray], ref: Reference, job: Job) -> dict[str, Any]:
+    """Max abs differences per output and the share of images with the same predicted label(s)."""
+    got, want = outputs["logits"], ref.outputs["logits"]
+    same = [a == b for a, b in zip(_decisions(got, job), _decisions(want, job))]
+    r = {"n": len(same), "max_abs_logit_diff": float(np.abs(got - want).max()),
+         "label_agreement": float(np.mean(same)), "labels_differ": int(len(same) - sum(same))}
+    if job.graph.map_name:
+        n = job.graph.map_name
+        r[f"max_abs_{n}_diff"] = float(np.abs(outputs[n] - ref.outputs[n]).max())
+    return r
+
+
+def measure(run, ref: Reference, job: Job) -> tuple[dict[str, Any], dict[str, float]]:
+    out = run_batches(run, ref, job)
+    return compare(out, ref, job), _metrics(out["logits"], ref.labels, job.entry.task)
+
+
+def check_fp32(parity: dict[str, Any], atol: float, what: str) -> None:
+    if parity["max_abs_logit_diff"] > atol or parity["labels_differ"]:
+        raise ParityError(
+            f"{what} does not reproduce torch on {parity['n']} test images: max |logit diff| "
+            f"{parity['max_abs_logit_diff']:.3g} (allowed {atol:g}), {parity['labels_differ']} label(s) differ")
+
+
+def check_accuracy(acc: dict[str, Any], n: int, max_drop_pt: float, what: str) -> None:
+    allowed = max(max_drop_pt, 100.0 / n)  # one test image is the finest step the figure can move
+    if acc["acc_drop_pt"] > allowed + 1e-9:
+        raise ParityError(
+            f"{what} loses {acc['acc_drop_pt']:.2f} pt test ACC against torch ({acc['torch']['acc']:.4f} -> "
+            f"{acc['exported']['acc']:.4f}; allowed {allowed:.2f} pt); export FP32 or raise the tolerance")
+
+
+def accuracy(torch_m: dict[str, float], got: dict[str, float], runtime: str, fp32: dict | None = None) -> dict:
+    a = {"torch": torch_m, "exported": got, "runtime": runtime,
+         "acc_drop_pt": round((torch_m["acc"] - got["acc"]) * 100, 6),
+         "auc_drop_pt": None if torch_m["auc"] is None else round((torch_m["auc"] - got["auc"]) * 100, 6)}
+    if fp32 is not None:
+        a["onnx_fp32"] = fp32
+    return a
+
+
+# ----------------------------------------------------------------------------------------- bundle
+
+
+def preprocess_spec(job: Job, fmt: str, model_file: str) -> dict[str, Any]:
+    """What a runner needs to turn an image into the graph's input and its outputs into labels."""
+    e = job.entry
+    return {
+        "name": e.name, "format": fmt, "model_file": model_file, "input_name": INPUT, "input_dtype": "float32",
+        "input_shape": ["batch", e.in_chans, e.input_size, e.input_size], "input_size": e.input_size,
+        "in_chans": e.in_chans, "image_mode": "L" if e.in_chans == 1 else "RGB", "scale": 255.0,
+        "mean": per_channel(e.mean, e.in_chans), "std": per_channel(e.std, e.in_chans), "resize": e.resize,
+        "task": e.task, "labels": list(e.labels), "outputs": job.graph.output_names,
+    }
+
+
+def receipt(job: Job, fmt: str, path: Path, ref: Reference, parity: dict, acc: dict, **extra) -> dict[str, Any]:
+    import onnx
+    import onnxruntime
+
+    rec = {
+        "format": fmt, "model": job.entry.name, "file": path.name, "sha256": store.sha256_file(path),
+        "bytes": path.stat().st_size, "opset": job.opset, "input": preprocess_spec(job, fmt, path.name)["input_shape"],
+        "outputs": job.graph.output_names, "dataset": job.entry.dataset, "split": ref.split, "parity": parity,
+        "accuracy": acc, **extra, "entry": job.entry.to_dict(),
+        "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    return json.loads(json.dumps(rec))  # plain JSON types: the dict equals what export.json holds
+
+
+def write_bundle(job: Job, fmt: str, files: dict[str, Path], rec: dict, spec: dict) -> Path:
+    """Move the artifacts into ``job.out`` with ``export.json``, ``preprocess.json`` and ``runner.py``."""
+    with store.staged_dir(job.out) as tmp:
+        for name, src in files.items():
+            shutil.copyfile(src, tmp / name)
+            os.chmod(tmp / name, 0o644)
+        shutil.copyfile(RUNNER, tmp / "runner.py")
+        os.chmod(tmp / "runner.py", 0o644)
+        store.write_json_atomic(tmp / "preprocess.json", spec)
+        store.write_json_atomic(tmp / "export.json", rec)
+    return job.out
+
+
+# ----------------------------------------------------------------------------------------- to_onnx
+
+
+def build_onnx(job: Job, fmt: str, work: Path, ref: Reference, atol: float = FP32_ATOL,
+               calib_images: int = CALIB_IMAGES, int8: str = "auto", root=None,
+               for_tensorrt: bool = False) -> tuple[Path, dict[str, Any]]:
+    """The ONNX file of ``fmt`` in ``work``, after the FP32 parity gate; returns it and the FP32 figures."""
+    raw = export_fp32(job, work / "raw.onnx")
+    fp32 = optimize(raw, work / "fp32.onnx")
+    check_model(fp32)
+    parity, metrics = measure(onnx_runner(fp32), ref, job)
+    check_fp32(parity, atol, f"the FP32 ONNX export of {job.entry.name}")
+    info: dict[str, Any] = {"parity": parity, "metrics": metrics}
+    if fmt == "onnx":
+        return fp32, info
+    if fmt == "onnx-fp16":
+        return to_fp16(fp32, work / "fp16.onnx"), info
+    mode = int8_mode(job, int8)
+    calib = calibration_images(job, calib_images, root) if mode == "static" else None
+    info["quantization"] = quantize_int8(raw, work / "int8.onnx", job, calib, mode, for_tensorrt)
+    return work / "int8.onnx", info
+
+
+def to_onnx(model_or_name, format: str = "onnx", out=None, opset: int = DEFAULT_OPSET,
+            with_localization: bool = False, *, split: str = "test", max_images: int | None = None, root=None,
+            atol: float = FP32_ATOL, max_acc_drop: float = MAX_ACC_DROP_PT, calib_images: int = CALIB_IMAGES,
+            int8: str = "auto") -> ExportResult:
+    """Export a zoo model to ONNX with a parity check and an accuracy receipt.
+
+    Args:
+        model_or_name: a zoo name (built), the folder of a built entry or run, or a ``ZooModel``.
+        format: ``onnx`` (FP32), ``onnx-fp16`` or ``onnx-int8``.
+        out: output folder; default ``<ZOO_HOME>/<name>/export/<format>/`` (or ``<folder>/export/<format>``).
+            It is replaced as a whole, atomically.
+        opset: ONNX opset, 13-20.
+        with_localization: add ``cam`` (CNN) or ``attention`` (ViT) as a second output.
+        split, max_images, root: the evaluation images (default: the whole test split).
+        atol: FP32 gate on max abs logit difference. ``max_acc_drop``: FP16/INT8 gate, ACC points.
+        calib_images: training images for static INT8 calibration. ``int8``: auto, static or dynamic.
+
+    Returns:
+        An :class:`ExportResult`; ``receipt`` is what ``export.json`` holds.
+
+    Raises:
+        ExportError: bad format/opset/model; ParityError: the export does not reproduce torch.
+    """
+    check_format(format, ONNX_FORMATS)
+    job = prepare(model_or_name, format, out, opset, with_localization)
+    ref = reference(job, split, max_images, root)
+    torch_metrics = _metrics(ref.outputs["logits"], ref.labels, job.entry.task)
+    with tempfile.TemporaryDirectory(prefix="zoo-export-") as work:
+        path, fp32 = build_onnx(job, format, Path(work), ref, atol, calib_images, int8, root)
+        check_model(path)
+        if format == "onnx":
+            parity, acc = fp32["parity"], accuracy(torch_metrics, fp32["metrics"], "onnxruntime")
+        else:
+            parity, got = measure(onnx_runner(path), ref, job)
+            acc = accuracy(torch_metrics, got, "onnxruntime", fp32=fp32["metrics"])
+        extra = {"parity_fp32": fp32["parity"]} if format != "onnx" else {}
+        if "quantization" in fp32:
+            extra["quantization"] = fp32["quantization"]
+        gate = {"fp32_atol": atol} if format == "onnx" else {"fp32_atol": atol, "max_acc_drop_pt": max_acc_drop}
+        rec = receipt(job, format, path, ref, parity, acc, gates=gate, optimization="onnxruntime basic (offline)",
+                      **extra)
+        rec["file"] = "model.onnx"
+        if format != "onnx":
+            check_accuracy(acc, len(ref.images), max_acc_drop, f"the {format} export of {job.entry.name}")
+        out_dir = write_bundle(job, format, {"model.onnx": path}, rec, preprocess_spec(job, format, "model.onnx"))
+    return ExportResult(format=format, dir=out_dir, path=out_dir / "model.onnx", receipt=rec)

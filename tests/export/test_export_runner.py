@@ -1,0 +1,138 @@
+"""The edge runner: copied alone with its bundle into an empty folder, it classifies PNGs with only
+numpy, Pillow and onnxruntime importable (``python -I -S``), as ``zoo.load(...).predict`` does."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TASK_FLAG
+from edge_env import FORBIDDEN, edge_site
+from PIL import Image
+
+import export
+from export import runner
+from zoo.api import load
+from zoo.data import load_split
+
+WRAPPER = f"""
+import json, runpy, sys
+site, *args = sys.argv[1:]
+sys.path.insert(0, site)
+sys.argv = ["runner.py", *args]
+code = 0
+try:
+    runpy.run_path("runner.py", run_name="__main__")
+except SystemExit as e:
+    code = e.code
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in {FORBIDDEN!r})), file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def run_runner(bundle: Path, work: Path, *args: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """Copy the bundle's three files alone into ``work`` and run the runner there in ``python -I -S``."""
+    work.mkdir(parents=True, exist_ok=True)
+    for f in ("runner.py", "model.onnx", "preprocess.json"):
+        shutil.copy(bundle / f, work / f)
+    (work / "wrapper.py").write_text(WRAPPER)
+    r = subprocess.run([sys.executable, "-I", "-S", "wrapper.py", str(edge_site(work.parent)), *args], cwd=work,
+                       capture_output=True, text=True, timeout=120)
+    imported = json.loads(r.stderr.strip().splitlines()[-1])
+    return r, imported
+
+
+def _png(path: Path, arr: np.ndarray) -> str:
+    Image.fromarray(arr.squeeze()).save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("task", list(TASK_FLAG))
+def test_runner_alone_matches_predict(tiny_runs, task, tmp_path):
+    d, flag = tiny_runs[task], TASK_FLAG[task]
+    bundle = export.to_onnx(d, "onnx", out=tmp_path / "bundle").dir
+    imgs = load_split(flag, "test").images[:4].permute(0, 2, 3, 1).numpy()  # (N, 28, 28, C) uint8
+    files = [_png(tmp_path / f"img{i}.png", im) for i, im in enumerate(imgs)]
+    big = np.asarray(Image.fromarray(imgs[0].squeeze()).resize((64, 64), Image.NEAREST))
+    files.append(_png(tmp_path / "big.png", big))  # another size: the runner resizes it
+
+    r, imported = run_runner(bundle, tmp_path / "edge", *files)
+    assert r.returncode == 0, r.stderr
+    assert imported == []  # neither torch nor any project package was imported
+    lines = [json.loads(ln) for ln in r.stdout.strip().splitlines()]
+
+    model = load(d)
+    pred = model.predict([Image.open(f) for f in files])
+    assert [ln["image"] for ln in lines] == files
+    assert [ln["label"] for ln in lines] == pred.labels
+    got = np.array([ln["probs"] for ln in lines])
+    assert np.abs(got[:4] - pred.probs[:4]).max() <= 2e-6  # same input bit for bit at 28 px; rounding to 1e-6
+    assert np.abs(got[4] - pred.probs[4]).max() <= 1e-4  # resized: one float32 rounding step per pixel
+    if task == "multi-label, binary-class":
+        assert [ln["labels"] for ln in lines] == pred.label_sets
+
+
+def test_runner_saves_maps_and_reports_errors(tiny_runs, tmp_path):
+    bundle = export.to_onnx(tiny_runs["multi-class"], "onnx", out=tmp_path / "bundle", with_localization=True).dir
+    img = load_split("dermamnist", "test").images[0].permute(1, 2, 0).numpy()
+    f = _png(tmp_path / "scan.png", img)
+    r, imported = run_runner(bundle, tmp_path / "edge", f, "--maps", str(tmp_path / "maps"))
+    assert r.returncode == 0 and imported == [], r.stderr
+    cam = np.load(tmp_path / "maps" / "scan.npy")
+    assert cam.shape == (7, 28, 28)
+    assert "cam" not in json.loads(r.stdout)
+
+    r, _ = run_runner(bundle, tmp_path / "edge2", str(tmp_path / "missing.png"))
+    assert r.returncode == 2 and r.stderr.startswith("runner: error: ")
+
+
+@pytest.mark.parametrize(("size", "out"), [((64, 64), 28), ((28, 28), 64), ((50, 37), 28), ((28, 28), 28)])
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_runner_resize_matches_torch(size, out, mode):
+    x = np.random.default_rng(0).integers(0, 256, (3, *size)).astype(np.float32) / np.float32(255)
+    kw = {"align_corners": False, "antialias": True} if mode == "bilinear" else {}
+    want = F.interpolate(torch.from_numpy(x)[None], size=(out, out), mode=mode, **kw)[0].numpy() if size != (
+        out, out) else x
+    got = runner.resize(x, out, mode)
+    assert got.shape == (3, out, out) and np.abs(got - want).max() <= 2.5e-7
+    if mode == "nearest" or size == (out, out):
+        assert np.array_equal(got, want)
+
+
+@pytest.mark.slow
+def test_runner_in_a_real_venv_with_only_numpy_pillow_onnxruntime(tiny_runs, tmp_path):
+    """The literal edge check: a fresh venv (no system site-packages) with just the three packages."""
+    import onnxruntime
+
+    venv = tmp_path / "edge-venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    py = venv / "bin" / "python"
+    pins = ["numpy", "pillow", f"onnxruntime=={onnxruntime.__version__}"]
+    pip = subprocess.run([str(py), "-m", "pip", "install", "-q", *pins], capture_output=True, text=True, timeout=600)
+    if pip.returncode != 0:
+        pytest.skip(f"cannot install {pins} from the package index here: {pip.stderr.strip().splitlines()[-1:]}")
+    listed = subprocess.run([str(py), "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True,
+                            check=True).stdout
+    names = {ln.split("==")[0].lower() for ln in listed.split()}
+    assert not names & {"torch", "timm", "transformers", "medzoo"}, names
+
+    bundle = export.to_onnx(tiny_runs["binary-class"], "onnx", out=tmp_path / "bundle").dir
+    work = tmp_path / "device"
+    work.mkdir()
+    for f in ("runner.py", "model.onnx", "preprocess.json"):
+        shutil.copy(bundle / f, work / f)
+    img = load_split("breastmnist", "test").images[0, 0].numpy()
+    png = _png(work / "scan.png", img)
+    r = subprocess.run([str(py), "runner.py", png], cwd=work, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    line = json.loads(r.stdout)
+    pred = load(tiny_runs["binary-class"]).predict(Image.open(png))
+    assert line["label"] == pred.labels[0]
+    assert np.abs(np.array(line["probs"]) - pred.probs[0]).max() <= 2e-6
