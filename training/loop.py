@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from training.losses import MedAlmightyLoss
 from zoo.data import Preprocess, iterate_batches, preprocess
-from zoo.inference import logits_to_probs
+from zoo.inference import logits_to_probs, predict_logits
 from zoo.metrics import compute_metrics
 
 
@@ -97,16 +97,8 @@ class FitResult:
     seconds: float = 0.0
 
 
-@torch.no_grad()
-def _scores(model, x, prep, task, batch_size, device) -> np.ndarray:
-    model.eval()
-    out = []
-    for i in range(0, x.shape[0], batch_size):
-        xb = x[i : i + batch_size]
-        xb = preprocess(xb, prep) if prep is not None else xb.float()
-        out.append(model(xb.to(device)).float().cpu())
-    model.train()
-    return logits_to_probs(torch.cat(out), task).numpy()
+def _scores(model, x, prep, task, batch_size) -> np.ndarray:
+    return logits_to_probs(predict_logits(model, x, prep, batch_size), task).numpy()
 
 
 def fit(
@@ -180,14 +172,14 @@ def fit(
             bar.set_postfix(loss=f"{float(out['loss'].detach()):.4f}")
         epoch_train_s = time.perf_counter() - t0
         train_seconds += epoch_train_s
-        val_m = compute_metrics(val[1].numpy(), _scores(model, val[0], prep, task, eval_bs, device), task)
+        val_m = compute_metrics(val[1].numpy(), _scores(model, val[0], prep, task, eval_bs), task)
         # Time-to-accuracy counts training and validation, not the optional test logging below.
         elapsed += time.perf_counter() - t0
         row = {"epoch": epoch, "lr": epoch_lr, **{k: v / n for k, v in sums.items()},
                "val_acc": val_m["acc"], "val_auc": val_m["auc"], "epoch_train_s": round(epoch_train_s, 3),
                "elapsed_s": round(elapsed, 3)}
         if test is not None and cfg.get("log_test_every_epoch", False):
-            test_m = compute_metrics(test[1].numpy(), _scores(model, test[0], prep, task, eval_bs, device), task)
+            test_m = compute_metrics(test[1].numpy(), _scores(model, test[0], prep, task, eval_bs), task)
             row.update(test_acc=test_m["acc"], test_auc=test_m["auc"])
         history.append(row)
         if val_m["auc"] > best_auc:

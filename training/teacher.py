@@ -19,12 +19,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from training.loop import FitResult, fit
 from training.losses import MedAlmightyLoss
 from zoo import store
-from zoo.data import Preprocess, Split, fingerprint, preprocess
+from zoo.data import Preprocess, Split, fingerprint
+from zoo.inference import predict_logits
 from zoo.models import HFBackbone, backbone_normalisation, state_dict_sha256
 from zoo.registry import registry
 
@@ -93,15 +93,10 @@ def features(teacher: Teacher, splits: dict[str, Split], cfg: dict[str, Any], pr
         cached = load_file(path)
         if all(s in cached and cached[s].shape[0] == len(splits[s]) for s in splits):
             return {s: cached[s] for s in splits}
-    bb = teacher.backbone.eval()
     bs = int(cfg["teacher"]["batch_size"])
-    out = {}
-    for name, split in splits.items():
-        chunks = []
-        for i in tqdm(range(0, len(split), bs), desc=f"teacher features ({name})", leave=False,
-                      disable=not progress, unit="batch"):
-            chunks.append(bb(preprocess(split.images[i : i + bs], teacher.prep)).float())
-        out[name] = torch.cat(chunks)
+    out = {name: predict_logits(teacher.backbone, split.images, teacher.prep, bs,
+                                desc=f"teacher features ({name})" if progress else None)
+           for name, split in splits.items()}
     _save_atomic(out, path)
     return out
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from zoo.data import Preprocess, preprocess
 
@@ -40,16 +41,22 @@ def logits_to_probs(logits: torch.Tensor, task: str) -> torch.Tensor:
 
 @torch.no_grad()
 def predict_logits(
-    net: nn.Module, images: torch.Tensor, prep: Preprocess, batch_size: int = EVAL_BATCH_SIZE
+    net: nn.Module, images: torch.Tensor, prep: Preprocess | None, batch_size: int = EVAL_BATCH_SIZE,
+    desc: str | None = None,
 ) -> torch.Tensor:
-    """Raw images (N, C, H, W) uint8 or float [0, 1] -> logits (N, K), in fixed-size chunks, fp32."""
+    """Raw images (N, C, H, W) uint8 or float [0, 1] -> outputs (N, K), in fixed-size chunks, fp32.
+
+    ``prep=None`` feeds ``images`` as they are (cached feature tensors); ``desc`` shows a progress bar.
+    """
     was_training = net.training
     net.eval()
     device = next(net.parameters()).device
     out = []
-    for i in range(0, images.shape[0], batch_size):
-        x = preprocess(images[i : i + batch_size], prep).to(device)
-        out.append(net(x).float().cpu())
+    starts = range(0, images.shape[0], batch_size)
+    for i in tqdm(starts, desc=desc, leave=False, unit="batch") if desc else starts:
+        x = images[i : i + batch_size]
+        x = preprocess(x, prep) if prep is not None else x.float()
+        out.append(net(x.to(device)).float().cpu())
     net.train(was_training)
     if not out:
         raise ValueError("no images to predict")
