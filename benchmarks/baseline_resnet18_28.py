@@ -48,6 +48,9 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "baseline_resnet18_28"))
     ap.add_argument("overrides", nargs="*", help="key=value config overrides for every build")
     a = ap.parse_args()
+    # `--datasets a b key=value` : argparse hands the overrides to --datasets; they are overrides.
+    a.overrides = [x for x in a.datasets if "=" in x] + a.overrides
+    a.datasets = [x for x in a.datasets if "=" not in x]
 
     rows = []
     for flag in a.datasets:
