@@ -44,8 +44,8 @@ import torch
 
 from export.graph import ExportError, ExportGraph, fixed_position_embeddings, merge_adapters
 from zoo import store
-from zoo.api import ZooModel, load
-from zoo.data import Split, load_split, per_channel, preprocess
+from zoo.api import ZooModel, load, model_split
+from zoo.data import Split, per_channel, preprocess
 from zoo.inference import logits_to_probs, make_prediction, predict_logits
 from zoo.metrics import compute_metrics
 from zoo.registry import ZooEntry
@@ -109,14 +109,9 @@ class Job:
     def entry(self) -> ZooEntry:
         return self.model.entry
 
-    def data_cfg(self) -> dict[str, Any]:
-        return self.model.info.get("config", {}).get("data", {})
-
     def split(self, name: str, root=None) -> Split:
         """A split of the entry's dataset, read with the entry's own data settings (as ``zoo.evaluate``)."""
-        d = self.data_cfg()
-        return load_split(self.entry.dataset, name, size=d.get("size", 28), root=root or d.get("root"),
-                          download=d.get("download", True))
+        return model_split(self.model, name, root)
 
 
 def prepare(model_or_name, fmt: str, out=None, opset: int = DEFAULT_OPSET, with_localization: bool = False) -> Job:

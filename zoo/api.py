@@ -13,7 +13,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from zoo import store
-from zoo.data import load_split
+from zoo.data import Split, load_split
 from zoo.inference import EVAL_BATCH_SIZE, Prediction, logits_to_probs, make_prediction, predict_logits, to_batch
 from zoo.metrics import compute_metrics
 from zoo.models import HFBackbone, LinearClassifier, create_student
@@ -141,6 +141,13 @@ def load(name: str | os.PathLike, device: str | torch.device = "cpu") -> ZooMode
     return model.eval()
 
 
+def model_split(model: ZooModel, split: str, root=None) -> Split:
+    """A split of the model's dataset, read with the data settings it was built with."""
+    d = model.info.get("config", {}).get("data", {})
+    return load_split(model.entry.dataset, split, size=d.get("size", 28), root=root or d.get("root"),
+                      download=d.get("download", True))
+
+
 def evaluate(model: ZooModel | str, split: str = "test", root=None) -> dict[str, Any]:
     """ACC/AUC of a zoo model on a MedMNIST split, through ``predict`` (medmnist's semantics).
 
@@ -149,9 +156,7 @@ def evaluate(model: ZooModel | str, split: str = "test", root=None) -> dict[str,
     if not isinstance(model, ZooModel):
         model = load(model)
     e = model.entry
-    cfg = model.info.get("config", {}).get("data", {})
-    data = load_split(e.dataset, split, size=cfg.get("size", 28), root=root or cfg.get("root"),
-                      download=cfg.get("download", True))
+    data = model_split(model, split, root)
     t0 = time.perf_counter()
     pred = model.predict(data.images)
     m = compute_metrics(data.labels.numpy(), pred.probs, e.task)
