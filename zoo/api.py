@@ -13,10 +13,10 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from zoo import store
-from zoo.data import Split, load_split
+from zoo.data import Preprocess, Split, load_split
 from zoo.inference import EVAL_BATCH_SIZE, Prediction, logits_to_probs, make_prediction, predict_logits, to_batch
 from zoo.metrics import compute_metrics
-from zoo.models import HFBackbone, LinearClassifier, create_student
+from zoo.models import HFBackbone, LinearClassifier, backbone_normalisation, create_student
 from zoo.registry import ZooEntry, get_entry
 
 
@@ -139,6 +139,37 @@ def load(name: str | os.PathLike, device: str | torch.device = "cpu") -> ZooMode
     net = build_net(entry, info["config"], d)
     model = ZooModel(net, entry, info).to(device)
     return model.eval()
+
+
+def load_backbone(name_or_path: str | os.PathLike, pooling: str = "cls") -> tuple[HFBackbone, Preprocess]:
+    """The ViT backbone of a zoo entry and the preprocessing it expects.
+
+    Accepts a built ``dinomx-*`` (pretrained backbone) or ``linear-*`` (probe) entry by name or
+    folder, or a transformers model directory (``save_pretrained`` output; its
+    ``preprocessor_config.json`` gives mean/std, ImageNet's otherwise, input size from its config).
+    The backbone loads with eager attention so attention maps are available.
+    """
+    p = Path(str(name_or_path)).expanduser()
+    if p.is_dir() and (p / "config.json").is_file() and "entry" not in _peek(p / "config.json"):
+        bb = HFBackbone.from_pretrained(p, pooling=pooling)
+        mean, std = backbone_normalisation(p)
+        size = int(getattr(bb.model.config, "image_size", 224) or 224)
+        return bb, Preprocess(size, bb.in_chans, tuple(mean), tuple(std), "bilinear")
+    d, _ = _resolve_dir(name_or_path)
+    info = read_config(d)
+    store.verify(d, info["sha256"])
+    entry = ZooEntry.from_dict(info["entry"])
+    if not (d / "backbone" / "config.json").is_file():
+        raise ValueError(f"{entry.name} is a {entry.method} entry with no ViT backbone; give a dinomx-*, linear-* "
+                         "entry or a transformers model directory")
+    return HFBackbone.from_pretrained(d / "backbone", pooling=pooling), entry.preprocess
+
+
+def _peek(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
 
 
 def model_split(model: ZooModel, split: str, root=None) -> Split:

@@ -129,6 +129,28 @@ def _cmd_demo(a) -> str:
     return "demo finished"
 
 
+def _lazy(module: str, fn: str):
+    """A command implemented in another package, imported only when it runs (keeps `zoo list` fast)."""
+
+    def run(a) -> str:
+        import importlib
+
+        return getattr(importlib.import_module(module), fn)(a)
+
+    return run
+
+
+def _add_plugin(sub, name: str, module: str, help: str) -> None:
+    """Subcommands owned by other packages: ``module.add_arguments(parser)`` and ``module.main(args) -> str``.
+
+    Those modules must import cheaply (heavy imports inside ``main``)."""
+    import importlib
+
+    s = sub.add_parser(name, help=help)
+    importlib.import_module(module).add_arguments(s)
+    s.set_defaults(fn=_lazy(module, "main"))
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zoo", description="MedMNIST model zoo: list, build, evaluate, predict.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -171,6 +193,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", metavar="P", help="TensorRT engine precision: fp32 | fp16 (default) | int8")
     s.add_argument("--max-images", type=int, metavar="N", help="check on N test images (default: the whole split)")
     s.set_defaults(fn=_cmd_export)
+    _add_plugin(sub, "pretrain", "training.dinomx.cli", "DINO-MX self-supervised pretraining of a ViT backbone")
+    _add_plugin(sub, "explain", "zoo.explain_cli", "attention maps, rollout and PCA images (CAM for CNNs)")
+    _add_plugin(sub, "serve", "serving.cli", "serve zoo models over HTTP (BentoML): /classify, /localize")
     s = sub.add_parser("demo", help="the README's end-to-end demo (BreastMNIST, CPU, minutes)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=_cmd_demo)

@@ -42,7 +42,9 @@ def entry_dir(name: str) -> Path:
 
 def is_built(name: str) -> bool:
     d = entry_dir(name)
-    return (d / "config.json").is_file() and (d / "model.safetensors").is_file()
+    # Classifiers keep their weights in model.safetensors; backbone entries (dinomx-*) in backbone/.
+    return (d / "config.json").is_file() and (
+        (d / "model.safetensors").is_file() or (d / "backbone" / "model.safetensors").is_file())
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
