@@ -64,6 +64,15 @@ def load_teacher(cfg: dict[str, Any]) -> Teacher:
     a hub id, or a local transformers directory (backbone only; the probe is trained here)."""
     t, d = cfg["teacher"], cfg["data"]
     src = str(t["backbone"])
+    if src in registry() and not Path(src).exists() and registry()[src].method == "dinomx":
+        # A DINO-MX backbone from the zoo: its own channels and normalisation; the probe is trained here.
+        from zoo.api import load_backbone
+
+        backbone, p = load_backbone(src, pooling=t["pooling"])
+        prep = Preprocess(int(t["input_size"] or d["input_size"]), backbone.in_chans, p.mean, p.std, d["resize"])
+        return Teacher(backbone, prep, src, state_dict_sha256(backbone))
+    if (Path(src).expanduser() / "backbone" / "config.json").is_file():
+        src = str(Path(src).expanduser() / "backbone")  # a DINO-MX run folder
     if src in registry() and not Path(src).exists():
         from zoo.api import load
 
@@ -76,7 +85,7 @@ def load_teacher(cfg: dict[str, Any]) -> Teacher:
         net = zm.net
         return Teacher(net.backbone, zm.entry.preprocess, src, state_dict_sha256(net), head=net.head)
     backbone = HFBackbone.from_pretrained(src, pooling=t["pooling"], revision=t["revision"])
-    mean, std = backbone_normalisation(src)
+    mean, std = backbone_normalisation(src, backbone.in_chans)
     prep = Preprocess(int(t["input_size"] or d["input_size"]), backbone.in_chans, mean, std, d["resize"])
     return Teacher(backbone, prep, src, state_dict_sha256(backbone))
 

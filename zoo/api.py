@@ -116,6 +116,10 @@ def build_net(entry: ZooEntry, cfg: dict[str, Any], d: Path | None = None) -> nn
         if d is not None:
             net.load_state_dict(load_file(d / "model.safetensors"), strict=True)
         return net
+    if entry.method == "dinomx":
+        raise ValueError(f"{entry.name} is a pretrained backbone, not a classifier: load it with "
+                         f"zoo.load_backbone({entry.name!r}), or use it as a MedAlmighty teacher "
+                         f"(teacher.backbone={entry.name})")
     if d is None:
         raise ValueError("a linear-probe entry is built from its saved backbone folder")
     backbone = HFBackbone.from_pretrained(d / "backbone", pooling=cfg["teacher"]["pooling"])
@@ -152,7 +156,7 @@ def load_backbone(name_or_path: str | os.PathLike, pooling: str = "cls") -> tupl
     p = Path(str(name_or_path)).expanduser()
     if p.is_dir() and (p / "config.json").is_file() and "entry" not in _peek(p / "config.json"):
         bb = HFBackbone.from_pretrained(p, pooling=pooling)
-        mean, std = backbone_normalisation(p)
+        mean, std = backbone_normalisation(p, bb.in_chans)
         size = int(getattr(bb.model.config, "image_size", 224) or 224)
         return bb, Preprocess(size, bb.in_chans, tuple(mean), tuple(std), "bilinear")
     d, _ = _resolve_dir(name_or_path)
@@ -203,6 +207,11 @@ def build(name: str, overrides: list[str] | tuple[str, ...] = (), progress: bool
         overrides: ``key=value`` config overrides (``train.epochs=3``).
         config_files: override files applied on the recipe first (``medalmighty/cpu-fast.yaml``).
     """
+    entry = get_entry(name)
+    if entry.method == "dinomx":
+        from training.dinomx.run import build_entry as build_backbone
+
+        return build_backbone(entry, list(overrides), progress=progress, config_files=list(config_files))
     from training.build import build_entry
 
-    return build_entry(get_entry(name), list(overrides), progress=progress, config_files=list(config_files))
+    return build_entry(entry, list(overrides), progress=progress, config_files=list(config_files))

@@ -46,7 +46,10 @@ def _cmd_info(a) -> str:
         m = json.loads((d / "metrics.json").read_text())
         cfg = read_config(d)
         print(f"{'built':12s} {d} ({cfg['created']})")
-        print(f"{'test':12s} acc {m['test']['acc']:.4f}  auc {m['test']['auc']:.4f}")
+        if "test" in m:
+            print(f"{'test':12s} acc {m['test']['acc']:.4f}  auc {m['test']['auc']:.4f}")
+        for flag, r in m.get("knn", {}).items():
+            print(f"{'kNN test':12s} {flag}: acc {r['test']['acc']:.4f}  auc {r['test']['auc']:.4f}")
         return f"{e.name}: built, card at {d / 'README.md'}"
     return f"{e.name}: not built; build it with `zoo build {e.name}`"
 
@@ -58,6 +61,9 @@ def _cmd_build(a) -> str:
     d = build(a.name, a.overrides, progress=not a.quiet, config_files=a.config)
     m = json.loads((d / "metrics.json").read_text())
     print(f"entry: {d}\ncard:  {d / 'README.md'}")
+    if "knn" in m:
+        knn = "; ".join(f"{f} kNN test acc {r['test']['acc']:.4f}" for f, r in m["knn"].items())
+        return f"built {a.name} in {time.perf_counter() - t0:.1f} s: {knn}"
     return (f"built {a.name} in {time.perf_counter() - t0:.1f} s: test acc {m['test']['acc']:.4f} "
             f"auc {m['test']['auc']:.4f} (val auc {m['val']['auc']:.4f})")
 
@@ -146,8 +152,14 @@ def _add_plugin(sub, name: str, module: str, help: str) -> None:
     Those modules must import cheaply (heavy imports inside ``main``)."""
     import importlib
 
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and module.startswith(e.name):  # the package is not installed: no such subcommand
+            return
+        raise
     s = sub.add_parser(name, help=help)
-    importlib.import_module(module).add_arguments(s)
+    mod.add_arguments(s)
     s.set_defaults(fn=_lazy(module, "main"))
 
 

@@ -104,8 +104,20 @@ class HFBackbone(nn.Module):
         return self.pool(self.forward_features(x))
 
 
-def backbone_normalisation(source: str | os.PathLike) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The backbone's own image mean/std (its ``preprocessor_config.json``), ImageNet's otherwise."""
+def backbone_normalisation(source: str | os.PathLike, in_chans: int | None = None
+                           ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The backbone's own image mean/std (its ``preprocessor_config.json``), ImageNet's otherwise.
+
+    With ``in_chans=1`` and RGB statistics (ImageNet's, or a processor written for RGB), the
+    channel means are averaged: a grey image is the mean of its RGB channels.
+    """
+    mean, std = _normalisation(source)
+    if in_chans == 1 and len(mean) == 3:
+        return (sum(mean) / 3,), (sum(std) / 3,)
+    return mean, std
+
+
+def _normalisation(source: str | os.PathLike) -> tuple[tuple[float, ...], tuple[float, ...]]:
     p = Path(str(source)).expanduser() / "preprocessor_config.json"
     if p.is_file():
         cfg = json.loads(p.read_text())

@@ -23,7 +23,9 @@ TEACHER_BACKBONES = {
     "dinov2-vitb14": "facebook/dinov2-base",
     "dinov2-vitl14": "facebook/dinov2-large",
 }
-METHODS = ("baseline", "medalmighty", "linear")
+# DINO-MX backbones pretrained here (random init, no download): small enough for a CPU at 28 px.
+DINOMX_BACKBONES = ("vit-mini-p4",)
+METHODS = ("baseline", "medalmighty", "linear", "dinomx")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MEDMNIST_MEAN = (0.5,)
@@ -37,7 +39,7 @@ class ZooEntry:
     Attributes:
         name: ``<method>-<arch>-<dataset>``.
         method: ``baseline`` (student alone), ``medalmighty`` (distilled student), ``linear``
-            (frozen ViT teacher + linear head).
+            (frozen ViT teacher + linear head), ``dinomx`` (a self-supervised ViT backbone, no head).
         arch: a student in :data:`STUDENT_ARCHS` or a teacher in :data:`TEACHER_BACKBONES`.
         dataset: MedMNIST flag; ``task`` and ``labels`` come from medmnist's INFO.
         in_chans, input_size, mean, std: model-input preprocessing.
@@ -136,6 +138,24 @@ def _linear_entry(arch: str, info: DatasetInfo) -> ZooEntry:
     )
 
 
+def _dinomx_entry(arch: str, info: DatasetInfo) -> ZooEntry:
+    return ZooEntry(
+        name=f"dinomx-{arch}-{info.flag}",
+        method="dinomx",
+        arch=arch,
+        dataset=info.flag,
+        task=info.task,
+        labels=info.labels,
+        in_chans=info.n_channels,  # the backbone takes the data's own channels (1 for grey sets)
+        input_size=28,
+        mean=MEDMNIST_MEAN * info.n_channels,
+        std=MEDMNIST_STD * info.n_channels,
+        recipe="dinomx/default.yaml",
+        overrides=(f"model.backbone={arch}", f"data.datasets=[{info.flag}]"),
+        license=info.license,
+    )
+
+
 def _declare() -> dict[str, ZooEntry]:
     entries: dict[str, ZooEntry] = {}
     for flag in datasets_2d():
@@ -146,6 +166,9 @@ def _declare() -> dict[str, ZooEntry]:
                 entries[e.name] = e
         for arch in TEACHER_BACKBONES:
             e = _linear_entry(arch, info)
+            entries[e.name] = e
+        for arch in DINOMX_BACKBONES:
+            e = _dinomx_entry(arch, info)
             entries[e.name] = e
     return entries
 

@@ -1,0 +1,187 @@
+"""DINO-MX losses: DINO CLS loss (centering or Sinkhorn-Knopp), iBOT masked-patch loss, KoLeo, Gram anchoring.
+
+Every loss is written so that, under data parallelism with equal per-process batches, the mean of
+the per-process losses equals the loss of one process on the whole batch: batch statistics
+(centers, Sinkhorn marginals, KoLeo neighbours) are reduced across processes, per-sample terms
+are averaged locally.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if _distributed():
+        dist.all_reduce(t)
+    return t
+
+
+@torch.no_grad()
+def sinkhorn_knopp(scores: torch.Tensor, temp: float, iterations: int = 3) -> torch.Tensor:
+    """Teacher targets by Sinkhorn-Knopp (SwAV/DINOv2): (B, K) scores -> (B, K) rows summing to 1.
+
+    Equipartition over the K prototypes is enforced on the whole (all-process) batch; each row is
+    then a distribution. A global max is subtracted first (the result is invariant to it) so the
+    exponential cannot overflow.
+    """
+    s = scores.float() / temp
+    m = s.max().clone()
+    if _distributed():
+        dist.all_reduce(m, op=dist.ReduceOp.MAX)
+    q = torch.exp(s - m).t()  # (K, B)
+    b = torch.tensor(float(q.shape[1]), device=q.device)
+    b = all_reduce_sum(b)
+    k = q.shape[0]
+    q /= all_reduce_sum(q.sum())
+    for _ in range(iterations):
+        q /= all_reduce_sum(q.sum(dim=1, keepdim=True))  # each prototype gets 1/K of the mass
+        q /= k
+        q /= q.sum(dim=0, keepdim=True)  # each sample gets 1/B of the mass
+        q /= b
+    return (q * b).t()
+
+
+class DINOLoss(nn.Module):
+    """DINO's CLS loss: cross-entropy from teacher to student prototype distributions over crop pairs.
+
+    Shapes: ``student`` (S, B, K) logits for S student crops, ``teacher_probs`` (T, B, K) targets for
+    T teacher (global) crops. Pairs where teacher and student saw the same crop (index i == j < T)
+    are skipped::
+
+        loss = mean_{(i, j), i != j} mean_b  -sum_k p_t[i, b, k] * log_softmax(student[j, b] / student_temp)_k
+
+    Teacher targets: ``softmax((t - center) / teacher_temp)`` with an EMA ``center`` of the teacher's
+    mean logits (``centering``), or Sinkhorn-Knopp on ``t / teacher_temp`` (``sinkhorn``).
+    """
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
+                 centering: str = "centering"):
+        super().__init__()
+        if centering not in ("centering", "sinkhorn"):
+            raise ValueError(f"dino.centering must be centering or sinkhorn, got {centering!r}")
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.centering = centering
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    @torch.no_grad()
+    def teacher_probs(self, teacher: torch.Tensor, temp: float) -> torch.Tensor:
+        """(..., K) teacher logits -> (..., K) targets; updates the center when centering."""
+        flat = teacher.float().reshape(-1, teacher.shape[-1])
+        if self.centering == "sinkhorn":
+            out = sinkhorn_knopp(flat, temp)
+        else:
+            out = F.softmax((flat - self.center) / temp, dim=-1)
+            self.update_center(flat)
+        return out.reshape(teacher.shape)
+
+    @torch.no_grad()
+    def update_center(self, teacher: torch.Tensor) -> None:
+        total = all_reduce_sum(teacher.sum(dim=0, keepdim=True))
+        n = all_reduce_sum(torch.tensor(float(teacher.shape[0]), device=teacher.device))
+        self.center.mul_(self.center_momentum).add_(total / n, alpha=1 - self.center_momentum)
+
+    def forward(self, student: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
+        logp = F.log_softmax(student.float() / self.student_temp, dim=-1)  # (S, B, K)
+        total, terms = student.new_zeros((), dtype=torch.float32), 0
+        for i in range(teacher_probs.shape[0]):
+            for j in range(logp.shape[0]):
+                if i == j:
+                    continue
+                total = total - (teacher_probs[i] * logp[j]).sum(dim=-1).mean()
+                terms += 1
+        if terms == 0:
+            raise ValueError("DINO loss needs at least two crops (2 global crops, or local crops)")
+        return total / terms
+
+
+class IBOTPatchLoss(nn.Module):
+    """iBOT's masked-patch loss: the student, which saw the patch masked, predicts the teacher's view.
+
+    Shapes: ``student`` (M, K) logits of the M masked patches (all images concatenated),
+    ``teacher_probs`` (M, K) targets for the same patches (the teacher saw them unmasked),
+    ``weights`` (M,) = 1 / (masked patches of that patch's image), ``n_images`` the images in the
+    batch (masked or not). Each masked image counts once, whatever its number of masked patches::
+
+        loss = sum_m weights[m] * (-sum_k p_t[m, k] * log_softmax(student[m] / student_temp)_k) / n_images
+    """
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
+                 centering: str = "centering"):
+        super().__init__()
+        if centering not in ("centering", "sinkhorn"):
+            raise ValueError(f"ibot.centering must be centering or sinkhorn, got {centering!r}")
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.centering = centering
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    @torch.no_grad()
+    def teacher_probs(self, teacher: torch.Tensor, temp: float) -> torch.Tensor:
+        t = teacher.float()
+        if self.centering == "sinkhorn":
+            return sinkhorn_knopp(t, temp)
+        out = F.softmax((t - self.center) / temp, dim=-1)
+        total = all_reduce_sum(t.sum(dim=0, keepdim=True))
+        n = all_reduce_sum(torch.tensor(float(t.shape[0]), device=t.device))
+        if n > 0:
+            self.center.mul_(self.center_momentum).add_(total / n, alpha=1 - self.center_momentum)
+        return out
+
+    def forward(self, student: torch.Tensor, teacher_probs: torch.Tensor, weights: torch.Tensor,
+                n_images: int) -> torch.Tensor:
+        if student.shape[0] == 0:
+            return student.sum() * 0.0  # no masked patch in this batch: zero, but keeps the graph
+        ce = -(teacher_probs * F.log_softmax(student.float() / self.student_temp, dim=-1)).sum(dim=-1)
+        return (ce * weights).sum() / n_images
+
+
+class KoLeoLoss(nn.Module):
+    """Kozachenko-Leonenko entropy regulariser (DINOv2): spreads features over the sphere.
+
+    ``x`` (B, D) -> ``-mean_i log(min_{j != i} ||x̂_i - x̂_j|| + eps)`` with x̂ the L2-normalised
+    rows. Under data parallelism, pass ``all_x`` (the rows of every process, gathered with
+    gradient) and ``offset`` (where this process's rows start in it): neighbours are then searched
+    in the whole batch, as a single process would.
+    """
+
+    def __init__(self, eps: float = 1e-8):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, all_x: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
+        pool = x if all_x is None else all_x
+        if pool.shape[0] < 2:
+            raise ValueError(f"KoLeo needs at least 2 samples per batch to find a nearest neighbour, got "
+                             f"{pool.shape[0]}; raise optim.batch_size or set koleo.loss_weight=0")
+        xn = F.normalize(x.float(), dim=-1, eps=self.eps)
+        pn = F.normalize(pool.float(), dim=-1, eps=self.eps)
+        with torch.no_grad():
+            sim = xn @ pn.t()
+            rows = torch.arange(x.shape[0], device=x.device)
+            sim[rows, rows + offset] = -2.0  # never your own neighbour
+            nn_idx = sim.argmax(dim=1)
+        dist_ = (xn - pn[nn_idx]).norm(dim=-1)
+        return -torch.log(dist_ + self.eps).mean()
+
+
+class GramLoss(nn.Module):
+    """DINOv3's Gram anchoring: keep the student's patch-similarity structure close to an earlier teacher's.
+
+    ``student`` and ``anchor`` (B, N, D) patch features; with rows L2-normalised, G = X Xᵀ (B, N, N)::
+
+        loss = mean_{b, i, j} (G_student[b, i, j] - G_anchor[b, i, j])^2
+    """
+
+    def forward(self, student: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        s = F.normalize(student.float(), dim=-1)
+        a = F.normalize(anchor.float(), dim=-1)
+        return ((s @ s.transpose(1, 2) - a @ a.transpose(1, 2)) ** 2).mean()

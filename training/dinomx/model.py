@@ -1,0 +1,140 @@
+"""The DINO-MX student/teacher pair and the strategies applied to it (LoRA, freezing, schedules, groups).
+
+:class:`SSLModel` is the trainable unit (backbone + DINO head + iBOT head [+ distillation
+projector]): one ``forward`` per step, so DDP/FSDP/DeepSpeed see a single call. The teacher is a
+copy updated by EMA (or, for distillation, a frozen larger backbone with its own heads).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from training.dinomx.backbones import Encoder, attention_linear_names, block_index, blocks, patch_embedding
+from training.dinomx.heads import DINOHead
+
+
+class SSLModel(nn.Module):
+    """Backbone + heads. ``forward(globals, locals, masks)`` returns the tensors the losses need.
+
+    Shapes (b images per process, 2 global and n local crops, N patches, K prototypes):
+    ``globals`` (2b, C, G, G); ``locals`` (n*b, C, L, L) or None; ``masks`` (2b, N) bool or None.
+    Output dict: ``cls`` (2b, D), ``patches`` (2b, N, D), ``dino_global`` (2b, K),
+    ``dino_local`` (n*b, K) or None, ``ibot`` (M, K) for the M masked patches (row-major over
+    ``masks``), and ``proj_cls``/``proj_patches`` for feature distillation.
+    """
+
+    def __init__(self, encoder: Encoder, head_cfg: dict[str, Any], ibot_separate_head: bool = False,
+                 distill_dim: int | None = None):
+        super().__init__()
+        self.encoder = encoder
+        kw = dict(out_dim=int(head_cfg["out_dim"]), hidden_dim=int(head_cfg["hidden_dim"]),
+                  bottleneck_dim=int(head_cfg["bottleneck_dim"]), nlayers=int(head_cfg["nlayers"]),
+                  norm_last_layer=bool(head_cfg["norm_last_layer"]))
+        self.dino_head = DINOHead(encoder.embed_dim, **kw)
+        self.ibot_head = DINOHead(encoder.embed_dim, **kw) if ibot_separate_head else None
+        self.projector = nn.Linear(encoder.embed_dim, distill_dim) if distill_dim else None
+
+    def heads(self) -> list[DINOHead]:
+        return [self.dino_head] + ([self.ibot_head] if self.ibot_head is not None else [])
+
+    def forward(self, globals_: torch.Tensor, locals_: torch.Tensor | None = None,
+                masks: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
+        cls, patches = self.encoder(globals_, masks)
+        ibot_head = self.ibot_head or self.dino_head
+        out: dict[str, torch.Tensor | None] = {"cls": cls, "patches": patches, "dino_global": self.dino_head(cls)}
+        out["ibot"] = ibot_head(patches[masks]) if masks is not None else None
+        out["dino_local"] = self.dino_head(self.encoder(locals_)[0]) if locals_ is not None else None
+        if self.projector is not None:
+            out["proj_cls"], out["proj_patches"] = self.projector(cls), self.projector(patches)
+        return out
+
+
+def freeze(encoder: Encoder, first_blocks: int = 0, patch_embed: bool = False) -> None:
+    """Freeze the patch embedding and/or the first ``first_blocks`` transformer blocks."""
+    layers = blocks(encoder.model)
+    if first_blocks > len(layers):
+        raise ValueError(f"strategy.freeze.blocks={first_blocks} but the backbone has {len(layers)} blocks")
+    for blk in list(layers)[:first_blocks]:
+        blk.requires_grad_(False)
+    if patch_embed:
+        patch_embedding(encoder.model)[2].requires_grad_(False)
+
+
+def apply_lora(encoder: Encoder, r: int = 8, alpha: int = 16, dropout: float = 0.0,
+               targets: list[str] | str = "auto") -> Encoder:
+    """Wrap the backbone with peft LoRA adapters on the attention projections; the rest is frozen.
+
+    ``targets="auto"`` finds the projection names by structure (``q_proj``/``k_proj``/``v_proj`` in
+    recent transformers, ``query``/``key``/``value`` in older ones), so it works across versions.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    names = attention_linear_names(encoder.model) if targets == "auto" else list(targets)
+    # Only q and v by default, as in the LoRA paper; "qkv" (fused) is taken whole.
+    if targets == "auto":
+        names = [n for n in names if n in ("q_proj", "v_proj", "query", "value", "qkv")] or names
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, bias="none")
+    encoder.model = get_peft_model(encoder.model, cfg)
+    return encoder
+
+
+def base_model(encoder: Encoder) -> nn.Module:
+    """The transformers model under any peft wrapper."""
+    m = encoder.model
+    return m.get_base_model() if hasattr(m, "get_base_model") and type(m).__module__.startswith("peft") else m
+
+
+def param_groups(model: SSLModel, layer_decay: float = 1.0) -> list[dict[str, Any]]:
+    """Optimizer groups: layer-wise lr decay (``lr_scale``) and no weight decay on biases, norms, tokens.
+
+    Layer ids: 0 embeddings, i+1 block i, L+1 the final norm and the heads; ``lr_scale =
+    layer_decay ** (L + 1 - id)``. The loop sets ``lr = base * lr_scale`` and ``weight_decay`` from
+    ``wd_on`` each step.
+    """
+    base = base_model(model.encoder)
+    ids = block_index(base)
+    n_layers = len(blocks(base))
+    by_id = {id(p): ids[n] for n, p in base.named_parameters() if n in ids}
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        layer = by_id.get(id(p), n_layers + 1)
+        # Biases, norm scales and layer scales are 1-D; tokens and position embeddings are named.
+        no_wd = p.ndim <= 1 or "token" in name or "position_embeddings" in name
+        key = (layer, not no_wd)
+        if key not in groups:
+            groups[key] = {"params": [], "lr_scale": layer_decay ** (n_layers + 1 - layer), "wd_on": not no_wd,
+                           "layer": layer}
+        groups[key]["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
+
+
+def cosine(base: float, final: float, total: int, warmup: int = 0, start_warmup: float = 0.0) -> np.ndarray:
+    """Per-step values: linear warm-up from ``start_warmup`` to ``base`` over ``warmup`` steps, then
+    cosine from ``base`` to ``final`` (DINO's ``cosine_scheduler``, in steps)."""
+    warmup = min(warmup, total)
+    w = np.linspace(start_warmup, base, warmup, endpoint=False) if warmup else np.zeros(0)
+    t = np.arange(total - warmup)
+    c = final + 0.5 * (base - final) * (1 + np.cos(math.pi * t / max(1, len(t))))
+    return np.concatenate([w, c])
+
+
+def teacher_temperature(final: float, start: float, warmup: int, total: int) -> np.ndarray:
+    """Linear warm-up of the teacher temperature from ``start`` to ``final``, then constant."""
+    warmup = min(warmup, total)
+    return np.concatenate([np.linspace(start, final, warmup), np.full(total - warmup, final)])
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocator peak on GPUs, max resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
