@@ -30,6 +30,13 @@ lint: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/baseline_resnet18_28.py
 	$(BIN)/python benchmarks/distill_overhead.py
+	$(BIN)/python benchmarks/export_latency.py
+	$(BIN)/python benchmarks/dinomx_knn.py --build
+	$(BIN)/python benchmarks/dinomx_strategies.py
+	$(BIN)/python benchmarks/dinomx_vs_lightly.py
+	$(BIN)/python benchmarks/dinomx_pointing.py
+	$(BIN)/python benchmarks/serve_load.py
+	$(BIN)/python benchmarks/report.py
 
 clean-venv:
 	rm -rf $(VENV)

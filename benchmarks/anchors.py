@@ -30,3 +30,12 @@ def medmnist_v2(dataset: str, method: str) -> dict[str, float]:
     if not rows:
         raise KeyError(f"no MedMNIST v2 figure for {method} on {dataset}")
     return {r["metric"]: float(r["value"]) for r in rows}
+
+
+def medmnist_plus(dataset: str) -> dict[str, float]:
+    """MedMNIST+ ImageNet DINO ViT-B/16 at 28 px: ``{linear_acc, linear_auc, knn_acc}`` (test split)."""
+    for r in read("medmnistplus_dino_vitb16_28px.csv"):
+        if r["dataset"] == dataset:
+            return {"linear_acc": float(r["linear_probe_acc"]), "linear_auc": float(r["linear_probe_auc"]),
+                    "knn_acc": float(r["knn11_acc"])}
+    raise KeyError(f"no MedMNIST+ figure for {dataset}")

@@ -53,8 +53,25 @@ def _export() -> list[str]:
             "through onnxruntime.", "", *p.read_text().strip().splitlines()]
 
 
+def _md(name: str, intro: str) -> list[str]:
+    """A results table written by ``benchmarks/<name>.py`` as ``results/<name>.md``."""
+    p = RESULTS / f"{name}.md"
+    if not p.is_file():
+        return [f"_Not run yet: `python benchmarks/{name}.py`._"]
+    return [f"{intro} (`benchmarks/{name}.py`):", "", *p.read_text().strip().splitlines()]
+
+
 def render() -> str:
-    return "\n".join([START, "", *baseline_table(), "", *_distill(), "", *_export(), "", END])
+    parts = [baseline_table(), _distill(), _export(),
+             _md("dinomx_knn", "DINO-MX features against random init and a published ImageNet DINO ViT-B/16"),
+             _md("dinomx_strategies", "Full fine-tuning, LoRA and freezing of the same backbone"),
+             _md("dinomx_vs_lightly", "A DINO-MX training step next to lightly's DINO"),
+             _md("dinomx_pointing", "Label-guided crops and attention pointing accuracy on a synthetic benchmark"),
+             _md("serve_load", "HTTP serving under load")]
+    out = [START, ""]
+    for part in parts:
+        out += [*part, ""]
+    return "\n".join([*out, END])
 
 
 def main() -> None:

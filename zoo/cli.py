@@ -75,6 +75,9 @@ def _cmd_train(a) -> str:
     d = train_config(a.config, a.overrides, progress=not a.quiet)
     m = json.loads((d / "metrics.json").read_text())
     print(f"run:  {d}\ncard: {d / 'README.md'}")
+    if "knn" in m:  # a DINO-MX config: a pretrained backbone, evaluated by kNN
+        knn = "; ".join(f"{f} kNN test acc {r['test']['acc']:.4f}" for f, r in m["knn"].items())
+        return f"pretrained {d.name} in {time.perf_counter() - t0:.1f} s: {knn}"
     return (f"trained {d.name} in {time.perf_counter() - t0:.1f} s: test acc {m['test']['acc']:.4f} "
             f"auc {m['test']['auc']:.4f}")
 

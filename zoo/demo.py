@@ -1,13 +1,22 @@
-"""The README's main job: build a small zoo entry on BreastMNIST on the CPU, evaluate it, predict.
+"""The README's main job: the whole pipeline on BreastMNIST, on the CPU, in minutes.
 
-Run with ``make demo`` (or ``zoo demo``). Takes a few minutes on 2 cores. As the product grows this
-becomes the whole pipeline: pretrain, distil, evaluate, export, serve, report.
+1. DINO-MX: self-supervised pretraining of a small ViT on the training images (no labels), kNN and
+   linear-probe evaluation of its frozen features.
+2. A baseline ResNet-18 student trained on the labels alone.
+3. MedAlmighty: a linear-probe teacher on the DINO-MX backbone, distilled into a ResNet-18 student.
+4. Evaluation of every model through ``zoo.load(...).predict``, next to published figures.
+5. Export of the distilled student to ONNX INT8 with its parity receipt.
+6. Attention maps of the backbone on a test image (``zoo explain``), predictions on test images.
+7. A report (markdown) with every figure of the run.
+
+Run with ``make demo`` (or ``zoo demo``).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 from PIL import Image
 
@@ -15,46 +24,110 @@ from zoo import store
 from zoo.api import build, evaluate, load
 from zoo.data import load_split, medmnist_root, npz_path
 
-DEMO_ENTRY = "baseline-resnet18-breastmnist"
-DEMO_CONFIG = "medalmighty/demo.yaml"
+DATASET = "breastmnist"
+BACKBONE = f"dinomx-vit-mini-p4-{DATASET}"
+BASELINE = f"baseline-resnet18-{DATASET}"
+STUDENT = f"medalmighty-resnet18-{DATASET}"
+PRETRAIN_CONFIG = "dinomx/demo.yaml"
+STUDENT_CONFIG = "medalmighty/demo.yaml"
 
 
-def _published(dataset: str) -> dict[str, float] | None:
+def _anchor(fn, *args):
     try:
-        from benchmarks.anchors import medmnist_v2
+        from benchmarks import anchors
 
-        return medmnist_v2(dataset, "ResNet-18 (28)")
+        return getattr(anchors, fn)(*args)
     except (ImportError, FileNotFoundError, KeyError):
         return None
 
 
-def run(progress: bool = True) -> None:
+def _step(i: int, text: str) -> None:
+    print(f"\n[{i}/7] {text}", flush=True)
+
+
+def run(progress: bool = True) -> Path:
     t0 = time.perf_counter()
-    print(f"[1/4] data: {npz_path('breastmnist')} (MEDMNIST_ROOT={medmnist_root()})", flush=True)
-    test = load_split("breastmnist", "test")
+    report: list[str] = [f"# Demo report: {DATASET}", ""]
+    times: dict[str, float] = {}
+    print(f"data: {npz_path(DATASET)} (MEDMNIST_ROOT={medmnist_root()}); store: {store.zoo_home()}")
+    test = load_split(DATASET, "test")
 
-    print(f"[2/4] building {DEMO_ENTRY} with configs/{DEMO_CONFIG} into {store.zoo_home()}", flush=True)
-    d = build(DEMO_ENTRY, progress=progress, config_files=[DEMO_CONFIG])
-
-    print("[3/4] evaluating the stored model through zoo.load(...).predict", flush=True)
-    model = load(DEMO_ENTRY)
-    r = evaluate(model, "test")
-    line = f"      test ACC {r['acc']:.4f}  AUC {r['auc']:.4f} on {r['n']} images"
-    ref = _published("breastmnist")
-    if ref:
-        line += f"  (MedMNIST v2 ResNet-18 (28), 100 epochs: ACC {ref['acc']:.3f}  AUC {ref['auc']:.3f})"
+    _step(1, f"DINO-MX pretraining of {BACKBONE} (configs/{PRETRAIN_CONFIG}), no labels")
+    t = time.perf_counter()
+    d = build(BACKBONE, progress=progress, config_files=[PRETRAIN_CONFIG])
+    times["pretrain"] = time.perf_counter() - t
+    m = json.loads((d / "metrics.json").read_text())
+    knn, lin = m["knn"][DATASET]["test"], m["linear"][DATASET]["test"]
+    plus = _anchor("medmnist_plus", DATASET)
+    line = (f"      frozen CLS features, test: kNN ACC {knn['acc']:.3f} AUC {knn['auc']:.3f}; "
+            f"linear ACC {lin['acc']:.3f} AUC {lin['auc']:.3f}  ({m['report']['steps']} steps, "
+            f"{m['report']['images_per_s']} images/s)")
     print(line)
+    report += ["## 1. DINO-MX backbone", "", f"`{BACKBONE}`, {m['report']['steps']} steps: test kNN ACC "
+               f"{knn['acc']:.3f} (AUC {knn['auc']:.3f}), linear ACC {lin['acc']:.3f} (AUC {lin['auc']:.3f})."]
+    if plus:
+        report.append(f"Published MedMNIST+ ImageNet DINO ViT-B/16 at 28 px: kNN ACC {plus['knn_acc']:.3f}, "
+                      f"linear ACC {plus['linear_acc']:.3f}.")
 
-    print("[4/4] predicting 6 test images given as PIL images", flush=True)
+    _step(2, f"baseline student {BASELINE} (configs/{STUDENT_CONFIG})")
+    t = time.perf_counter()
+    build(BASELINE, progress=progress, config_files=[STUDENT_CONFIG])
+    times["baseline"] = time.perf_counter() - t
+
+    _step(3, f"MedAlmighty: linear-probe teacher on {BACKBONE}, distilled into {STUDENT}")
+    t = time.perf_counter()
+    ds = build(STUDENT, [f"teacher.backbone={BACKBONE}"], progress=progress, config_files=[STUDENT_CONFIG])
+    times["distil"] = time.perf_counter() - t
+    teacher = json.loads((ds / "metrics.json").read_text())["teacher"]["test"]
+    print(f"      teacher (DINO-MX + linear) test ACC {teacher['acc']:.3f} AUC {teacher['auc']:.3f}")
+
+    _step(4, "evaluating the stored models through zoo.load(...).predict (medmnist's metrics)")
+    ref = _anchor("medmnist_v2", DATASET, "ResNet-18 (28)")
+    rows = [("DINO-MX + linear (teacher)", teacher)]
+    for name in (BASELINE, STUDENT):
+        r = evaluate(load(name), "test")
+        rows.append((name, r))
+    report += ["", "## 2-4. Students and teacher (test split)", "", "| model | ACC | AUC |", "|---|---|---|"]
+    for name, r in rows:
+        print(f"      {name:34s} ACC {r['acc']:.4f}  AUC {r['auc']:.4f}")
+        report.append(f"| {name} | {r['acc']:.4f} | {r['auc']:.4f} |")
+    if ref:
+        print(f"      {'MedMNIST v2 ResNet-18 (28), 100 ep':34s} ACC {ref['acc']:.4f}  AUC {ref['auc']:.4f}")
+        report.append(f"| MedMNIST v2 ResNet-18 (28), published, 100 epochs | {ref['acc']:.4f} | {ref['auc']:.4f} |")
+
+    _step(5, f"exporting {STUDENT} to ONNX INT8 (parity and accuracy receipt on the test split)")
+    from export import to_onnx
+
+    t = time.perf_counter()
+    ex = to_onnx(STUDENT, "onnx-int8")
+    times["export"] = time.perf_counter() - t
+    acc = ex.receipt["accuracy"]
+    print(f"      {ex.path}: onnxruntime test ACC {acc['exported']['acc']:.4f} (torch {acc['torch']['acc']:.4f})")
+    report += ["", "## 5. Export", "", f"`{ex.path}`: INT8 test ACC {acc['exported']['acc']:.4f}, torch "
+               f"{acc['torch']['acc']:.4f}; receipt `{ex.dir / 'export.json'}`."]
+
+    _step(6, "attention maps of the backbone on a test image; predictions on test images")
+    from zoo.explain import explain
+
+    out = store.zoo_home() / "demo" / "explain"
+    files = explain(BACKBONE, test.images[0, 0].numpy(), out)
+    print(f"      {len(files)} files in {out} (attention per head, mean, rollout, PCA)")
+    model = load(STUDENT)
     images = [Image.fromarray(test.images[i, 0].numpy()) for i in range(6)]
     pred = model.predict(images)
     for i, (lab, p) in enumerate(zip(pred.labels, pred.probs)):
         truth = model.entry.labels[int(test.labels[i, 0])]
-        probs = json.dumps([round(float(x), 3) for x in p])
-        print(f"      test[{i}]: predicted {lab!r:18s} p={probs}  truth {truth!r}")
+        print(f"      test[{i}]: predicted {lab!r:18s} p={[round(float(x), 3) for x in p]}  truth {truth!r}")
 
-    print(f"\nentry: {d}\ncard:  {d / 'README.md'}")
-    print(f"demo done in {time.perf_counter() - t0:.0f} s")
+    _step(7, "report")
+    total = time.perf_counter() - t0
+    report += ["", "## Time", "", *(f"- {k}: {v:.0f} s" for k, v in times.items()), f"- total: {total:.0f} s"]
+    path = store.zoo_home() / "demo" / "report.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(report) + "\n")
+    print(f"      {path}")
+    print(f"\ndemo done in {total:.0f} s")
+    return path
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import pytest
 import zoo
 from zoo.data import dataset_info, datasets_2d
 from zoo.registry import (
+    DINOMX_BACKBONES,
     IMAGENET_MEAN,
     STUDENT_ARCHS,
     TEACHER_BACKBONES,
@@ -22,14 +23,14 @@ from zoo.registry import (
 
 EXPECTED_PER_DATASET = [f"{m}-{a}" for m in ("baseline", "medalmighty")
                         for a in ("resnet18", "resnet50", "seresnet50", "skresnet50")] + [
-    f"linear-dinov2-{v}" for v in ("vits14", "vitb14", "vitl14")]
+    f"linear-dinov2-{v}" for v in ("vits14", "vitb14", "vitl14")] + ["dinomx-vit-mini-p4"]
 
 
 def test_every_dataset_has_every_entry():
     names = set(list_models())
     want = {f"{prefix}-{flag}" for flag in datasets_2d() for prefix in EXPECTED_PER_DATASET}
     assert names == want
-    assert len(names) == 12 * 11
+    assert len(names) == 12 * 12
     assert list_models() == sorted(names)
     assert zoo.list_models() == list_models()
 
@@ -47,12 +48,17 @@ def test_entry_fields_consistent(name):
         assert e.in_chans == 3 and e.mean == IMAGENET_MEAN
         assert e.teacher == TEACHER_BACKBONES[e.arch]
         assert f"teacher.backbone={e.teacher}" in e.overrides
+    elif e.method == "dinomx":  # a backbone pretrained here, on the dataset's own channels
+        assert e.arch in DINOMX_BACKBONES and not e.is_student and e.recipe == "dinomx/default.yaml"
+        assert e.in_chans == info.n_channels and e.teacher is None
+        assert f"model.backbone={e.arch}" in e.overrides and f"data.datasets=[{e.dataset}]" in e.overrides
     else:
         assert e.arch in STUDENT_ARCHS and e.is_student
         assert e.in_chans == info.n_channels
         assert f"model.arch={e.arch}" in e.overrides
         assert (e.teacher is not None) == (e.method == "medalmighty")
-    assert f"method={e.method}" in e.overrides and f"data.dataset={e.dataset}" in e.overrides
+    if e.method != "dinomx":
+        assert f"method={e.method}" in e.overrides and f"data.dataset={e.dataset}" in e.overrides
     p = e.preprocess
     assert (p.input_size, p.in_chans, p.mean, p.std, p.resize) == (e.input_size, e.in_chans, e.mean, e.std, e.resize)
 

@@ -8,6 +8,8 @@ are averaged locally.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -24,29 +26,33 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _logsumexp_all(x: torch.Tensor, dim: int | None) -> torch.Tensor:
+    """logsumexp over ``dim`` (None = everything) of the tensor concatenated across processes along ``dim``."""
+    m = x.amax() if dim is None else x.amax(dim=dim, keepdim=True)
+    m = m.clone()
+    if _distributed():
+        dist.all_reduce(m, op=dist.ReduceOp.MAX)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    s = torch.exp(x - m).sum() if dim is None else torch.exp(x - m).sum(dim=dim, keepdim=True)
+    return m + torch.log(all_reduce_sum(s))
+
+
 @torch.no_grad()
 def sinkhorn_knopp(scores: torch.Tensor, temp: float, iterations: int = 3) -> torch.Tensor:
     """Teacher targets by Sinkhorn-Knopp (SwAV/DINOv2): (B, K) scores -> (B, K) rows summing to 1.
 
     Equipartition over the K prototypes is enforced on the whole (all-process) batch; each row is
-    then a distribution. A global max is subtracted first (the result is invariant to it) so the
-    exponential cannot overflow.
+    then a distribution. Computed in the log domain, so very confident teachers (large scores, low
+    temperatures) neither overflow nor underflow into NaN.
     """
-    s = scores.float() / temp
-    m = s.max().clone()
-    if _distributed():
-        dist.all_reduce(m, op=dist.ReduceOp.MAX)
-    q = torch.exp(s - m).t()  # (K, B)
-    b = torch.tensor(float(q.shape[1]), device=q.device)
-    b = all_reduce_sum(b)
-    k = q.shape[0]
-    q /= all_reduce_sum(q.sum())
+    log_q = (scores.float() / temp).t()  # (K, B)
+    k = log_q.shape[0]
+    b = all_reduce_sum(torch.tensor(float(log_q.shape[1]), device=log_q.device))
+    log_q = log_q - _logsumexp_all(log_q, None)
     for _ in range(iterations):
-        q /= all_reduce_sum(q.sum(dim=1, keepdim=True))  # each prototype gets 1/K of the mass
-        q /= k
-        q /= q.sum(dim=0, keepdim=True)  # each sample gets 1/B of the mass
-        q /= b
-    return (q * b).t()
+        log_q = log_q - _logsumexp_all(log_q, 1) - math.log(k)  # each prototype gets 1/K of the mass
+        log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True) - torch.log(b)  # each sample 1/B
+    return torch.exp(log_q + torch.log(b)).t()
 
 
 class DINOLoss(nn.Module):

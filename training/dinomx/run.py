@@ -50,6 +50,9 @@ def build_entry(entry: ZooEntry, overrides: list[str], progress: bool = True, co
     if (flags if isinstance(flags, list) else [flags])[:1] != [entry.dataset]:
         raise ConfigError(f"{entry.name} pretrains on {entry.dataset}; an override set data.datasets={flags}. "
                           "Use `zoo pretrain` for other data")
+    if Path(str(cfg["model"]["backbone"])).name != entry.arch:
+        raise ConfigError(f"{entry.name} is a {entry.arch} backbone; an override set model.backbone="
+                          f"{cfg['model']['backbone']}. Use `zoo pretrain` for other backbones")
     ckpt = store.zoo_home() / ".cache" / "pretrain" / entry.name
     target = store.entry_dir(entry.name)
     with store.staged_dir(target) as tmp:

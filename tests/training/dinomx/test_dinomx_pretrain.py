@@ -1,0 +1,212 @@
+"""DINO-MX end to end on tiny configs: zoo pretrain, presets, zoo entries, teachers, distillation, HF export."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import OFFLINE_ENV, THREADS_ENV
+
+from training.config import ConfigError, load_config
+from training.dinomx.train import PretrainData, Pretrainer, run
+
+TINY = ["model.backbone=vit-test", "head.out_dim=64", "head.hidden_dim=32", "head.bottleneck_dim=16",
+        "optim.batch_size=8", "optim.steps=4", "crops.local_number=2", "log.progress=false", "log.every=1",
+        "eval.linear_epochs=2", "data.download=false", "data.datasets=[breastmnist]", "checkpoint.every=2"]
+
+
+def tiny_cfg(*extra: str, preset: str = "dinomx/default.yaml") -> dict:
+    return load_config(preset, overrides=TINY + list(extra))
+
+
+@pytest.mark.parametrize("preset", ["dinomx/dino.yaml", "dinomx/dinov2.yaml", "dinomx/dinov3.yaml"])
+def test_presets_train_with_their_losses(preset, tmp_path):
+    cfg = tiny_cfg(preset=preset)
+    pt = Pretrainer(cfg)
+    pt.fit(tmp_path / "ckpt", progress=False)
+    keys = set().union(*(h.keys() for h in pt.history))
+    assert "dino" in keys
+    assert ("ibot" in keys) == (preset != "dinomx/dino.yaml")
+    assert ("koleo" in keys) == (preset != "dinomx/dino.yaml")
+    assert ("gram" in keys) == (preset == "dinomx/dinov3.yaml")  # anchor taken half-way (gram.start=0.5)
+    assert all(np.isfinite(h["loss"]) for h in pt.history)
+    assert pt.history[0]["teacher_temp"] == pytest.approx(0.04)
+
+
+def test_ema_teacher_follows_the_student_with_the_momentum(tmp_path):
+    cfg = tiny_cfg("optim.steps=1", "optim.momentum_teacher=0.5", "optim.momentum_teacher_end=0.5")
+    pt = Pretrainer(cfg)
+    before_t = {k: v.clone() for k, v in pt.teacher.state_dict().items()}
+    pt.train_step(0)
+    s, t = pt.student.state_dict(), pt.teacher.state_dict()
+    name = "encoder.model.encoder.layer.0.attention.q_proj.weight"
+    name = name if name in s else next(k for k in s if k.endswith("weight") and "layer.0" in k)
+    assert torch.allclose(t[name], 0.5 * before_t[name] + 0.5 * s[name], atol=1e-6)
+    assert not any(p.requires_grad for p in pt.teacher.parameters())
+
+
+def test_unknown_keys_and_small_data_are_clear_errors():
+    with pytest.raises(ConfigError, match="unknown config key"):
+        tiny_cfg("optim.learning_rate=1")
+    with pytest.raises(ConfigError, match="fewer than optim.batch_size"):
+        Pretrainer(tiny_cfg("optim.batch_size=512"))
+    with pytest.raises(ValueError, match="centering"):
+        Pretrainer(tiny_cfg("dino.centering=mean"))
+
+
+def test_zoo_pretrain_writes_a_backbone_that_plain_transformers_loads(tmp_path):
+    from zoo.cli import main
+
+    rc = main(["pretrain", "dinomx/default.yaml", *TINY, f"output_dir={tmp_path}", "run_name=tiny", "--quiet"])
+    assert rc == 0
+    d = tmp_path / "tiny"
+    m = json.loads((d / "metrics.json").read_text())
+    assert set(m["knn"]["breastmnist"]) == {"val", "test"} and 0 <= m["knn"]["breastmnist"]["test"]["acc"] <= 1
+    assert m["linear"]["breastmnist"]["test"]["auc"] is not None
+    assert m["report"]["steps"] == 4 and m["report"]["parameters"]["backbone_trainable"] > 0
+    assert (d / "config.yaml").is_file() and (d / "README.md").is_file()
+    assert (d / "checkpoints" / "last.pt").is_file()
+
+    # features through the project's own loader ...
+    from zoo.api import load_backbone
+
+    bb, prep = load_backbone(d / "backbone")
+    assert prep.in_chans == 1 and prep.mean == (0.5,)
+    x = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        want = bb.model(pixel_values=x).last_hidden_state.numpy()
+    np.save(tmp_path / "x.npy", x.numpy())
+    # ... equal those of a process that never imports the project
+    script = (
+        "import sys, numpy as np, torch\n"
+        "from transformers import AutoModel\n"
+        f"m = AutoModel.from_pretrained({str(d / 'backbone')!r}).eval()\n"
+        f"x = torch.from_numpy(np.load({str(tmp_path / 'x.npy')!r}))\n"
+        "with torch.no_grad():\n"
+        "    y = m(pixel_values=x).last_hidden_state.numpy()\n"
+        f"np.save({str(tmp_path / 'y.npy')!r}, y)\n"
+        "bad = [n for n in ('zoo', 'training', 'export', 'serving') if n in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    env = {**OFFLINE_ENV, **THREADS_ENV, "PATH": "/usr/bin:/bin"}
+    r = subprocess.run([sys.executable, "-I", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert np.allclose(np.load(tmp_path / "y.npy"), want, atol=1e-5)
+
+    # rerunning the same finished command resumes at the end: no training, same weights
+    before = (d / "backbone" / "model.safetensors").read_bytes()
+    assert main(["pretrain", "dinomx/default.yaml", *TINY, f"output_dir={tmp_path}", "run_name=tiny", "--quiet"]) == 0
+    assert (d / "backbone" / "model.safetensors").read_bytes() == before
+
+
+def test_dinomx_entry_builds_and_teaches_a_medalmighty_student(tmp_path):
+    from training.build import train_config
+    from zoo.api import build, load, load_backbone
+    from zoo.registry import get_entry
+
+    name = "dinomx-vit-mini-p4-breastmnist"
+    e = get_entry(name)
+    assert e.method == "dinomx" and e.in_chans == 1
+    ov = ["head.out_dim=64", "head.hidden_dim=32", "head.bottleneck_dim=16", "optim.batch_size=8", "optim.steps=2",
+          "crops.local_number=1", "log.progress=false", "eval.linear=false", "data.download=false"]
+    d = build(name, ov, progress=False)
+    assert (d / "backbone" / "config.json").is_file() and json.loads((d / "config.json").read_text())["entry"]
+    with pytest.raises(ValueError, match="pretrained backbone, not a classifier"):
+        load(name)
+    bb, prep = load_backbone(name)
+    assert bb.in_chans == 1 and prep.input_size == 28
+    with pytest.raises(ConfigError, match="vit-mini-p4 backbone"):
+        build(name, ov + ["model.backbone=vit-test"], progress=False)
+
+    run_dir = train_config("medalmighty/default.yaml", [
+        "method=medalmighty", "data.dataset=breastmnist", "model.arch=resnet-test", "train.epochs=1",
+        "train.progress=false", "probe.epochs=2", "data.download=false", f"teacher.backbone={name}",
+        f"output_dir={tmp_path}"], progress=False)
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert cfg["lineage"]["teacher_backbone"] == name
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert 0 <= m["teacher"]["test"]["acc"] <= 1
+
+
+def test_distillation_from_a_dinomx_teacher_and_from_a_plain_hf_backbone(tmp_path, tiny_teacher_dir):
+    teacher_cfg = tiny_cfg("model.backbone=vitreg-test", "eval.linear=false")
+    run(teacher_cfg, tmp_path / "teacher", tmp_path / "teacher" / "ckpt", progress=False)
+
+    cfg = tiny_cfg(f"strategy.distill.teacher={tmp_path / 'teacher'}", "optim.steps=2")
+    pt = Pretrainer(cfg)
+    assert pt.distill_mode == "dino"  # the teacher has DINO-MX heads: DINOv2-style distillation
+    frozen = {k: v.clone() for k, v in pt.teacher.state_dict().items()}
+    pt.fit(None, progress=False)
+    assert all(torch.equal(frozen[k], v) for k, v in pt.teacher.state_dict().items())  # never updated
+    assert "dino" in pt.history[-1]
+
+    # a plain transformers backbone (no heads, 3 channels, patch 7): feature distillation through a projector
+    cfg = tiny_cfg(f"strategy.distill.teacher={tiny_teacher_dir}", "optim.steps=2", "crops.global_size=28",
+                   "crops.local_size=14")
+    pt = Pretrainer(cfg)
+    assert pt.distill_mode == "feature" and pt.student.projector is not None
+    pt.fit(None, progress=False)
+    assert np.isfinite(pt.history[-1]["distill"])
+    with pytest.raises(ConfigError, match="needs a teacher with DINO-MX heads"):
+        Pretrainer(tiny_cfg(f"strategy.distill.teacher={tiny_teacher_dir}", "strategy.distill.loss=dino"))
+
+
+def test_lora_and_frozen_runs_report_trainable_parameters(tmp_path):
+    full = Pretrainer(tiny_cfg()).params
+    lora = Pretrainer(tiny_cfg("strategy.lora.enabled=true", "strategy.lora.r=2")).params
+    frozen = Pretrainer(tiny_cfg("strategy.freeze.blocks=1", "strategy.freeze.patch_embed=true")).params
+    assert full["backbone_trainable"] == full["backbone_total"]
+    assert lora["backbone_trainable"] * 10 <= full["backbone_trainable"]
+    assert 0 < frozen["backbone_trainable"] < full["backbone_trainable"]
+    pt = Pretrainer(tiny_cfg("strategy.lora.enabled=true", "strategy.lora.r=2", "optim.steps=2"))
+    pt.fit(None, progress=False)
+    out = pt.save_outputs(tmp_path)  # adapters merged: a plain transformers model comes out
+    from transformers import AutoModel
+
+    m = AutoModel.from_pretrained(tmp_path / "backbone")
+    assert not any("lora" in n for n, _ in m.named_parameters()) and out["in_chans"] == 1
+
+
+def test_label_guided_regions_from_a_file(tmp_path):
+    from zoo.data import load_split
+
+    n = len(load_split("breastmnist", "train"))
+    boxes = np.full((n, 4), np.nan, dtype=np.float32)
+    boxes[::2] = [4, 4, 12, 12]
+    np.save(tmp_path / "boxes.npy", boxes)
+    pt = Pretrainer(tiny_cfg(f"data.regions={tmp_path / 'boxes.npy'}", "crops.label_guided=1.0", "optim.steps=1"))
+    assert pt.data.regions is not None and pt.data.regions.shape == (n, 4)
+    pt.fit(None, progress=False)
+    np.save(tmp_path / "bad.npy", boxes[:10])
+    with pytest.raises(ConfigError, match="must hold an"):
+        Pretrainer(tiny_cfg(f"data.regions={tmp_path / 'bad.npy'}"))
+
+
+def test_pretraining_on_given_images_with_rgb_data():
+    imgs = torch.randint(0, 256, (16, 3, 28, 28), dtype=torch.uint8)
+    pt = Pretrainer(tiny_cfg("optim.steps=2", "model.backbone=dinov3-test"), data=PretrainData(imgs))
+    assert pt.in_chans == 3
+    pt.fit(None, progress=False)
+    assert len(pt.history) == 2
+
+
+def test_pretrain_entries_exist_for_every_dataset():
+    from zoo.data import datasets_2d
+    from zoo.registry import list_models
+
+    names = list_models("dinomx-*")
+    assert len(names) == len(datasets_2d())
+
+
+def test_zoo_train_with_a_dinomx_config_pretrains(tmp_path, capsys):
+    from zoo.cli import main
+
+    assert main(["train", "dinomx/dino.yaml", *TINY, "optim.steps=2", "eval.linear=false", f"output_dir={tmp_path}",
+                 "--quiet"]) == 0
+    assert "kNN test acc" in capsys.readouterr().out
+    assert (tmp_path / "dinomx-vit-test-breastmnist" / "backbone" / "config.json").is_file()
