@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from training import distributed as D
 from training.config import ConfigError, dump_config, load_config
 from training.loop import fit, seed_everything
 from training.losses import MedAlmightyLoss
@@ -37,8 +38,11 @@ def _check(cfg: dict[str, Any]) -> None:
     archs = STUDENT_ARCHS + TEST_ARCHS
     if cfg["method"] != "linear" and cfg["model"]["arch"] not in archs:
         raise ConfigError(f"model.arch must be one of {', '.join(archs)}, got {cfg['model']['arch']!r}")
-    if cfg["distributed"]["strategy"] != "none":
-        raise ConfigError("distributed.strategy: only `none` is available for this recipe family so far")
+    dc = cfg["distributed"]
+    if dc["strategy"] not in D.STRATEGIES:
+        raise ConfigError(f"distributed.strategy must be one of {', '.join(D.STRATEGIES)}, got {dc['strategy']!r}")
+    if dc["strategy"] == "deepspeed" and int(dc["zero_stage"]) not in (1, 2, 3):
+        raise ConfigError(f"distributed.zero_stage must be 1, 2 or 3, got {dc['zero_stage']!r}")
     dataset_info(cfg["data"]["dataset"])  # unknown flags fail here, with suggestions
 
 
@@ -68,14 +72,34 @@ def entry_for(cfg: dict[str, Any], base: ZooEntry | None, teacher: Teacher | Non
     return ZooEntry(recipe=recipe, **fields)
 
 
-def run(cfg: dict[str, Any], out: Path, base: ZooEntry | None = None, progress: bool = True,
-        recipe: str = "medalmighty/default.yaml") -> dict[str, Any]:
-    """Train what ``cfg`` describes and write the entry files into the folder ``out``."""
+def _env(cfg: dict[str, Any]) -> D.DistEnv:
+    return D.init(cfg["distributed"]["strategy"], cfg["distributed"]["backend"])
+
+
+def _from_main(value: Any, env: D.DistEnv) -> Any:
+    """The main process's ``value`` on every process; it also waits for the main process to get here."""
+    if env.world == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def run(cfg: dict[str, Any], out: Path | None, base: ZooEntry | None = None, progress: bool = True,
+        recipe: str = "medalmighty/default.yaml") -> dict[str, Any] | None:
+    """Train what ``cfg`` describes and write the entry files into the folder ``out``.
+
+    Under ``torchrun`` every process trains its share of each batch; only the main process writes
+    (``out`` may be None elsewhere) and gets the metrics; the others return None.
+    """
     _check(cfg)
+    env = _env(cfg)
     t_start = time.perf_counter()
     cfg = json.loads(json.dumps(cfg))  # a plain copy; it is saved verbatim
     cfg["train"]["progress"] = cfg["train"]["progress"] and progress
-    progress = cfg["train"]["progress"]
+    progress = cfg["train"]["progress"] and env.is_main
     method, d = cfg["method"], cfg["data"]
     info = dataset_info(d["dataset"])
     splits = {s: load_split(info.flag, s, size=int(d["size"]), root=d["root"], download=d["download"]) for s in SPLITS}
@@ -100,6 +124,10 @@ def run(cfg: dict[str, Any], out: Path, base: ZooEntry | None = None, progress: 
             }
 
     entry = entry_for(cfg, base, teacher, recipe)
+    if not env.is_main:  # the other processes only share the student's training
+        if method != "linear":
+            _train_student(cfg, entry, info, splits, logits, env, progress, gen)
+        return None
     out.mkdir(parents=True, exist_ok=True)
     if method == "linear":
         net = LinearClassifier(teacher.backbone, info.num_outputs)
@@ -108,15 +136,7 @@ def run(cfg: dict[str, Any], out: Path, base: ZooEntry | None = None, progress: 
         teacher.backbone.model.save_pretrained(out / "backbone", safe_serialization=True)
         save_file({k: v.contiguous() for k, v in net.head.state_dict().items()}, out / "model.safetensors")
     else:
-        torch.manual_seed(int(cfg["seed"]))
-        net = create_student(entry.arch, info.num_outputs, entry.in_chans, cfg["model"]["small_stem"])
-        alpha = 1.0 if method == "baseline" else float(cfg["distill"]["alpha"])
-        loss = MedAlmightyLoss(info.task, alpha, float(cfg["distill"]["temperature"]))
-        s = splits
-        res = fit(net, (s["train"].images, s["train"].labels), (s["val"].images, s["val"].labels), task=info.task,
-                  cfg=cfg["train"], loss_fn=loss, prep=entry.preprocess,
-                  teacher_logits=logits["train"] if logits is not None else None,
-                  test=(s["test"].images, s["test"].labels), generator=gen, desc=entry.name)
+        res = _train_student(cfg, entry, info, splits, logits, env, progress, gen)
         history, best_epoch = res.history, res.best_epoch
         save_file({k: v.detach().contiguous() for k, v in res.model.state_dict().items()}, out / "model.safetensors")
         if head is not None:
@@ -147,6 +167,23 @@ def run(cfg: dict[str, Any], out: Path, base: ZooEntry | None = None, progress: 
     return metrics
 
 
+def _train_student(cfg: dict[str, Any], entry: ZooEntry, info, splits, logits, env: D.DistEnv, progress: bool,
+                   gen: torch.Generator):
+    """The student's training (every process of a multi-process run takes part, drawing the same
+    batches from ``gen``). One process trains on the CPU, as it always has."""
+    method = cfg["method"]
+    torch.manual_seed(int(cfg["seed"]))
+    net = create_student(entry.arch, info.num_outputs, entry.in_chans, cfg["model"]["small_stem"])
+    alpha = 1.0 if method == "baseline" else float(cfg["distill"]["alpha"])
+    loss = MedAlmightyLoss(info.task, alpha, float(cfg["distill"]["temperature"]))
+    s = splits
+    return fit(net, (s["train"].images, s["train"].labels), (s["val"].images, s["val"].labels), task=info.task,
+               cfg=cfg["train"], loss_fn=loss, prep=entry.preprocess,
+               teacher_logits=logits["train"] if logits is not None else None,
+               test=(s["test"].images, s["test"].labels), generator=gen, desc=entry.name,
+               env=env if env.world > 1 else None, distributed=cfg["distributed"])
+
+
 def build_entry(entry: ZooEntry, overrides: list[str], progress: bool = True, config_files: list[str] = ()
                 ) -> Path:
     """Build a registered entry into the store (atomically: a failed build leaves the old one).
@@ -164,15 +201,29 @@ def build_entry(entry: ZooEntry, overrides: list[str], progress: bool = True, co
             raise ConfigError(f"{entry.name} is a {pinned[k]} entry; an override set {k} to {got[k]}. "
                               f"Build the entry for that instead (zoo list {got[k]})")
     target = store.entry_dir(entry.name)
+    _check(cfg)
+    env = _env(cfg)
+    if not env.is_main:  # trains its share; the main process writes the entry
+        run(cfg, None, base=entry, progress=False)
+        return _from_main(target, env)
     with store.staged_dir(target) as tmp:
         run(cfg, tmp, base=entry, progress=progress)
-    return target
+    return _from_main(target, env)
 
 
 def train_config(path: str, overrides: list[str], progress: bool = True) -> Path:
     """``zoo train CONFIG``: a run folder ``<output_dir>/<run_name>-<timestamp>``."""
     cfg = load_config(path, overrides=overrides)
+    if cfg.get("recipe") == "dinomx":  # `zoo train` with a DINO-MX config is `zoo pretrain`
+        from training.dinomx.run import pretrain_config
+
+        return pretrain_config(path, overrides, progress=progress)[0]
+    _check(cfg)
+    env = _env(cfg)
     recipe = str(path)
+    if not env.is_main:  # trains its share; the main process names and writes the run folder
+        run(cfg, None, base=None, progress=False, recipe=recipe)
+        return _from_main(None, env)
     info = dataset_info(cfg["data"]["dataset"])
     arch = cfg["model"]["arch"] if cfg["method"] != "linear" else "vit"
     name = cfg["run_name"] or f"{cfg['method']}-{arch}-{info.flag}"
@@ -184,4 +235,4 @@ def train_config(path: str, overrides: list[str], progress: bool = True) -> Path
         n += 1
     with store.staged_dir(target) as tmp:
         run(cfg, tmp, base=None, progress=progress, recipe=recipe)
-    return target
+    return _from_main(target, env)

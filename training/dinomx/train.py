@@ -13,6 +13,7 @@ import copy
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 import platform
 import tempfile
@@ -120,6 +121,7 @@ def _save_atomic(obj: Any, path: Path) -> None:
     os.close(fd)
     try:
         torch.save(obj, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; checkpoints are ordinary files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -292,15 +294,13 @@ class Pretrainer:
         self.runner.backward(loss)
         grad_norm = self.runner.clip_grad(float(cfg["optim"]["clip_grad"]))
         if step < self.freeze_last:
-            for h in self.runner.inner.heads():
-                for p in h.last_layer_parameters():
-                    p.grad = None
+            self.runner.drop_grads([p for h in self.runner.inner.heads() for p in h.last_layer_parameters()])
         self.runner.step()
         if self.distill_teacher is None:
             self.runner.ema_into(self.teacher, float(self.momentum[step]))
         self._maybe_refresh_anchor(step + 1)
-        row = {k: float(v.detach()) for k, (_, v) in losses.items()}
-        row.update(loss=float(loss.detach()), teacher_temp=t_temp, momentum=float(self.momentum[step]),
+        row = D.average({**{k: v for k, (_, v) in losses.items()}, "loss": loss}, self.env)  # global-batch values
+        row.update(teacher_temp=t_temp, momentum=float(self.momentum[step]),
                    lr=float(self.lr[step]), grad_norm=grad_norm)
         return row
 
@@ -313,7 +313,8 @@ class Pretrainer:
         losses: dict[str, tuple[float, torch.Tensor]] = {}
         if not self.distill_mode_is_dino():  # feature distillation from a teacher without DINO-MX heads
             cos_cls = 1 - F.cosine_similarity(out["proj_cls"].float(), t_cls.float(), dim=-1).mean()
-            cos_patch = 1 - F.cosine_similarity(out["proj_patches"].float(), t_patches.float(), dim=-1).mean()
+            sp = _match_grid(out["proj_patches"].float(), t_patches.shape[1])
+            cos_patch = 1 - F.cosine_similarity(sp, t_patches.float(), dim=-1).mean()
             losses["distill"] = (1.0, cos_cls + cos_patch)
         else:
             t_probs = self.dino_loss.teacher_probs(t_dino.view(2, b, -1), t_temp)
@@ -434,6 +435,17 @@ class Pretrainer:
         (out / "backbone" / "dinomx_heads.json").write_text(json.dumps(
             {"head": cfg["head"], "ibot_separate_head": src.ibot_head is not None}, indent=2) + "\n")
         return {"mean": mean, "std": std, "in_chans": self.in_chans, "input_size": int(cfg["crops"]["global_size"])}
+
+
+def _match_grid(tokens: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, N, D) patch tokens on a sqrt(N) grid -> (B, n, D) on a sqrt(n) grid (bilinear), for teachers
+    whose patch size differs from the student's."""
+    if tokens.shape[1] == n:
+        return tokens
+    b, m, d = tokens.shape
+    g, h = math.isqrt(m), math.isqrt(n)
+    grid = tokens.transpose(1, 2).reshape(b, d, g, g)
+    return F.interpolate(grid, size=(h, h), mode="bilinear", align_corners=False).reshape(b, d, n).transpose(1, 2)
 
 
 def _is_peft(m: nn.Module) -> bool:
