@@ -28,10 +28,10 @@ def test_list_names_every_dataset_and_ends_with_summary():
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     names, summary = lines[:-1], lines[-1]
-    assert len(names) == 132
+    assert len(names) == 144
     for flag in datasets_2d():
-        assert sum(n.endswith(f"-{flag}") for n in names) == 11
-    assert summary == f"132 models, 0 built in {os.environ['ZOO_HOME']}"
+        assert sum(n.endswith(f"-{flag}") for n in names) == 12
+    assert summary == f"144 models, 0 built in {os.environ['ZOO_HOME']}"
 
 
 def test_info_unbuilt():
@@ -80,7 +80,7 @@ def test_list_built_and_info_built_in_process(built_resnet18_breast, capsys):
     install(built_resnet18_breast)
     assert main(["list", "--built"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines == [f"{name}  [built]", f"132 models, 1 built in {os.environ['ZOO_HOME']}"]
+    assert lines == [f"{name}  [built]", f"144 models, 1 built in {os.environ['ZOO_HOME']}"]
     assert main(["info", name]) == 0
     out = capsys.readouterr().out
     metrics = json.loads((built_resnet18_breast / "metrics.json").read_text())

@@ -167,16 +167,19 @@ class Runner:
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state)
 
+    def ema_pairs(self, teacher: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(teacher parameters, student parameters) matched by name."""
+        t_params = dict(teacher.named_parameters())
+        pairs = [(t_params[n], p) for n, p in self.inner.named_parameters() if n in t_params]
+        return [t for t, _ in pairs], [p for _, p in pairs]
+
     @torch.no_grad()
     def ema_into(self, teacher: nn.Module, momentum: float) -> None:
         """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter (same names)."""
-        t_params = dict(teacher.named_parameters())
-        pairs = [(t_params[n], p) for n, p in self.inner.named_parameters() if n in t_params]
-        if not pairs:
-            return
-        t, s = zip(*pairs)
-        torch._foreach_mul_(list(t), momentum)
-        torch._foreach_add_(list(t), [x.detach() for x in s], alpha=1 - momentum)
+        t, s = self.ema_pairs(teacher)
+        if t:
+            torch._foreach_mul_(t, momentum)
+            torch._foreach_add_(t, [x.detach() for x in s], alpha=1 - momentum)
 
 
 class DDPRunner(Runner):
@@ -417,11 +420,9 @@ class DeepSpeedRunner(Runner):
 
     @torch.no_grad()
     def ema_into(self, teacher: nn.Module, momentum: float) -> None:
-        t_params = dict(teacher.named_parameters())
-        pairs = [(t_params[n], p) for n, p in self.inner.named_parameters() if n in t_params]
-        if not pairs:
+        t, s = self.ema_pairs(teacher)
+        if not t:
             return
-        t, s = (list(x) for x in zip(*pairs))
         with self._gathered(s):  # ZeRO-3: the full student parameters, for the duration of the update
             torch._foreach_mul_(t, momentum)
             torch._foreach_add_(t, [x.detach() for x in s], alpha=1 - momentum)

@@ -42,9 +42,11 @@ def entry_dir(name: str) -> Path:
 
 def is_built(name: str) -> bool:
     d = entry_dir(name)
-    # Classifiers keep their weights in model.safetensors; backbone entries (dinomx-*) in backbone/.
+    # Classifiers keep their weights in model.safetensors; DINO-MX backbones in backbone/ with their heads.
+    bb = d / "backbone"
     return (d / "config.json").is_file() and (
-        (d / "model.safetensors").is_file() or (d / "backbone" / "model.safetensors").is_file())
+        (d / "model.safetensors").is_file()
+        or ((bb / "model.safetensors").is_file() and (bb / "dinomx_heads.safetensors").is_file()))
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

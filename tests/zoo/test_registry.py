@@ -76,7 +76,7 @@ def test_pattern_glob_and_substring():
     glob = list_models("baseline-*")
     assert len(glob) == 12 * 4 and all(n.startswith("baseline-") for n in glob)
     sub = list_models("breastmnist")
-    assert len(sub) == 11 and all(n.endswith("-breastmnist") for n in sub)
+    assert len(sub) == 12 and all(n.endswith("-breastmnist") for n in sub)
     assert list_models("*-resnet18-*mnist") == [n for n in list_models() if "-resnet18-" in n]
     assert list_models("linear-dinov2-vit?14-bloodmnist") == [
         "linear-dinov2-vitb14-bloodmnist", "linear-dinov2-vitl14-bloodmnist", "linear-dinov2-vits14-bloodmnist"]

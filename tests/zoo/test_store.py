@@ -66,6 +66,9 @@ def test_is_built_and_weight_files(tmp_path):
     (d / "model.safetensors").write_bytes(b"a")
     assert store.is_built("some-entry")
     assert store.weight_files(d) == [d / "backbone" / "model.safetensors", d / "model.safetensors"]
+    (d / "model.safetensors").unlink()  # a DINO-MX backbone entry: backbone weights and its heads
+    (d / "backbone" / "dinomx_heads.safetensors").write_bytes(b"h")
+    assert store.is_built("some-entry")
 
 
 def test_verify(tmp_path):

@@ -55,24 +55,20 @@ def sinkhorn_knopp(scores: torch.Tensor, temp: float, iterations: int = 3) -> to
     return torch.exp(log_q + torch.log(b)).t()
 
 
-class DINOLoss(nn.Module):
-    """DINO's CLS loss: cross-entropy from teacher to student prototype distributions over crop pairs.
+class _TeacherTargets(nn.Module):
+    """Teacher targets shared by the DINO and iBOT losses: EMA centering or Sinkhorn-Knopp.
 
-    Shapes: ``student`` (S, B, K) logits for S student crops, ``teacher_probs`` (T, B, K) targets for
-    T teacher (global) crops. Pairs where teacher and student saw the same crop (index i == j < T)
-    are skipped::
-
-        loss = mean_{(i, j), i != j} mean_b  -sum_k p_t[i, b, k] * log_softmax(student[j, b] / student_temp)_k
-
-    Teacher targets: ``softmax((t - center) / teacher_temp)`` with an EMA ``center`` of the teacher's
-    mean logits (``centering``), or Sinkhorn-Knopp on ``t / teacher_temp`` (``sinkhorn``).
+    ``centering``: ``softmax((t - center) / temp)``, then the center moves towards the mean teacher
+    logits (reduced over all processes). ``sinkhorn``: :func:`sinkhorn_knopp` on ``t / temp``.
     """
+
+    what = "dino"
 
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
                  centering: str = "centering"):
         super().__init__()
         if centering not in ("centering", "sinkhorn"):
-            raise ValueError(f"dino.centering must be centering or sinkhorn, got {centering!r}")
+            raise ValueError(f"{self.what}.centering must be centering or sinkhorn, got {centering!r}")
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.centering = centering
@@ -93,7 +89,22 @@ class DINOLoss(nn.Module):
     def update_center(self, teacher: torch.Tensor) -> None:
         total = all_reduce_sum(teacher.sum(dim=0, keepdim=True))
         n = all_reduce_sum(torch.tensor(float(teacher.shape[0]), device=teacher.device))
-        self.center.mul_(self.center_momentum).add_(total / n, alpha=1 - self.center_momentum)
+        if n > 0:  # a batch without masked patches leaves the iBOT center as it is
+            self.center.mul_(self.center_momentum).add_(total / n, alpha=1 - self.center_momentum)
+
+
+class DINOLoss(_TeacherTargets):
+    """DINO's CLS loss: cross-entropy from teacher to student prototype distributions over crop pairs.
+
+    Shapes: ``student`` (S, B, K) logits for S student crops, ``teacher_probs`` (T, B, K) targets for
+    T teacher (global) crops. Pairs where teacher and student saw the same crop (index i == j < T)
+    are skipped::
+
+        loss = mean_{(i, j), i != j} mean_b  -sum_k p_t[i, b, k] * log_softmax(student[j, b] / student_temp)_k
+
+    Teacher targets: ``softmax((t - center) / teacher_temp)`` with an EMA ``center`` of the teacher's
+    mean logits (``centering``), or Sinkhorn-Knopp on ``t / teacher_temp`` (``sinkhorn``).
+    """
 
     def forward(self, student: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
         logp = F.log_softmax(student.float() / self.student_temp, dim=-1)  # (S, B, K)
@@ -109,7 +120,7 @@ class DINOLoss(nn.Module):
         return total / terms
 
 
-class IBOTPatchLoss(nn.Module):
+class IBOTPatchLoss(_TeacherTargets):
     """iBOT's masked-patch loss: the student, which saw the patch masked, predicts the teacher's view.
 
     Shapes: ``student`` (M, K) logits of the M masked patches (all images concatenated),
@@ -120,27 +131,7 @@ class IBOTPatchLoss(nn.Module):
         loss = sum_m weights[m] * (-sum_k p_t[m, k] * log_softmax(student[m] / student_temp)_k) / n_images
     """
 
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
-                 centering: str = "centering"):
-        super().__init__()
-        if centering not in ("centering", "sinkhorn"):
-            raise ValueError(f"ibot.centering must be centering or sinkhorn, got {centering!r}")
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.centering = centering
-        self.register_buffer("center", torch.zeros(1, out_dim))
-
-    @torch.no_grad()
-    def teacher_probs(self, teacher: torch.Tensor, temp: float) -> torch.Tensor:
-        t = teacher.float()
-        if self.centering == "sinkhorn":
-            return sinkhorn_knopp(t, temp)
-        out = F.softmax((t - self.center) / temp, dim=-1)
-        total = all_reduce_sum(t.sum(dim=0, keepdim=True))
-        n = all_reduce_sum(torch.tensor(float(t.shape[0]), device=t.device))
-        if n > 0:
-            self.center.mul_(self.center_momentum).add_(total / n, alpha=1 - self.center_momentum)
-        return out
+    what = "ibot"
 
     def forward(self, student: torch.Tensor, teacher_probs: torch.Tensor, weights: torch.Tensor,
                 n_images: int) -> torch.Tensor:
