@@ -1,0 +1,50 @@
+"""The start-up settings of the HTTP service.
+
+``zoo serve`` passes them to the BentoML worker as bento arguments (``bentoml.use_arguments``), so
+``bentoml serve serving.service:ZooService --arg models=NAME`` and a built bento (``args`` in
+``bentofile.yaml``) read the same settings.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MIB = 1 << 20
+
+
+class ServeConfig(BaseModel):
+    """What to serve and how.
+
+    Attributes:
+        models: zoo names (or folders of built entries / runs) to serve, chosen at start-up.
+        backend: ``onnx`` (ONNX Runtime on the exported ``model.onnx``) or ``torch`` (``zoo.load``).
+        max_batch_size: most images per adaptive batch (per model).
+        max_latency_ms: the latency budget of the adaptive batcher; a request it predicts cannot be
+            answered within it is refused with 503 (BentoML's ``max_latency_ms`` semantics).
+        max_upload_bytes: largest request body; larger ones get 413 before they are read.
+        max_pixels: largest image (width x height), checked from the header before decoding.
+        threads: intra-op threads of each model's runtime; 0 = every CPU core but one (the event loop's).
+        access_log: log one line per request (off by default: at hundreds of requests a second the
+            log costs more CPU than a small model; Prometheus metrics count every request anyway).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[str] = Field(min_length=1)
+    backend: Literal["onnx", "torch"] = "onnx"
+    max_batch_size: int = Field(32, ge=1, le=1024)
+    max_latency_ms: int = Field(10_000, ge=1)
+    max_upload_bytes: int = Field(10 * MIB, ge=1)
+    max_pixels: int = Field(4096 * 4096, ge=1)
+    threads: int = Field(0, ge=0)
+    access_log: bool = False
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split(cls, v):
+        # `bentoml serve --arg models=a,b` gives one string
+        if isinstance(v, str):
+            v = [s.strip() for s in v.split(",") if s.strip()]
+        return v

@@ -1,0 +1,300 @@
+"""The HTTP service over a real socket: one ``python -m serving`` server (ONNX Runtime backend) for the
+module, serving tiny students of three task types (by folder) and a tiny ViT probe (by zoo name).
+
+Answers must equal ``zoo.load(...).predict`` on the same images; every bad input gets its 4xx JSON
+error and the server keeps answering; health, readiness, metrics, OpenAPI and the model listing."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import http.server
+import io
+import shutil
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from serve_helpers import Server, images_hwc, jpeg, npy, ok, png, read_json, zero_png
+
+from export.graph import ExportGraph
+from serving.localization import normalise, top_box
+from zoo.api import load
+from zoo.data import load_split, preprocess
+
+PROBE = "linear-dinov2-vits14-breastmnist"
+TASKS = {"binary-class": "breastmnist", "multi-label, binary-class": "chestmnist", "multi-class": "dermamnist"}
+N_IMAGES = 16
+
+
+@pytest.fixture(scope="module")
+def served(tiny_runs, built_linear_breast, medmnist_root, tmp_path_factory):
+    """The server, the served folders by task, and the models loaded in this process for reference."""
+    root = tmp_path_factory.mktemp("serve")
+    home = root / "zoo_home"
+    folders = {}
+    for task in TASKS:  # copies: exporting writes <run>/export/, and the session's runs are shared
+        folders[task] = root / f"run-{task.split(',')[0]}"
+        shutil.copytree(tiny_runs[task], folders[task])
+    folders["probe"] = home / PROBE
+    shutil.copytree(built_linear_breast, folders["probe"])
+    env = {"ZOO_HOME": str(home), "MEDMNIST_ROOT": str(medmnist_root), "BENTOML_HOME": str(root / "bentoml")}
+    names = [str(folders[t]) for t in TASKS] + [PROBE]
+    srv = Server(names, env, root / "server.log", "--threads", "1", "--max-batch-size", "8")
+    try:
+        listing = srv.wait_ready()
+        models = {k: load(f) for k, f in folders.items()}
+        yield SimpleNamespace(srv=srv, listing=listing, folders=folders, models=models)
+    finally:
+        srv.stop()
+
+
+def _name(served, key: str) -> str:
+    return served.models[key].entry.name
+
+
+def _test_images(served, key: str, n: int = N_IMAGES) -> torch.Tensor:
+    return load_split(served.models[key].entry.dataset, "test").images[:n]
+
+
+# ------------------------------------------------------------------------------------ classify / localize
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_classify_equals_predict(served, task):
+    model = served.models[task]
+    images = _test_images(served, task)
+    want = model.predict(images)
+    for i, a in enumerate(images_hwc(images)):
+        r = ok(served.srv.post("/classify", png(a), model=model.entry.name))
+        assert r["model"] == model.entry.name and r["task"] == task
+        assert r["label"] == want.labels[i]
+        assert r["labels"] == want.label_sets[i]  # multi-label: every label above 0.5
+        assert list(r["probabilities"]) == list(model.entry.labels)
+        np.testing.assert_allclose(list(r["probabilities"].values()), want.probs[i], atol=1e-4)
+        assert r["threshold"] == (None if task == "multi-class" else 0.5)
+        assert r["version"] == served.listing["models"][list(TASKS).index(task)]["version"]
+
+
+def test_probe_by_zoo_name_with_attention_map(served):
+    model = served.models["probe"]
+    images = _test_images(served, "probe", 8)
+    want = model.predict(images)
+    graph = ExportGraph(model.net, model.entry.input_size, with_localization=True).eval()
+    with torch.no_grad():
+        attn = graph(preprocess(images, model.entry.preprocess))[1].numpy()
+    for i, a in enumerate(images_hwc(images)):
+        r = ok(served.srv.post("/localize", png(a), model=PROBE))
+        assert r["label"] == want.labels[i] and r["map_kind"] == "attention" and r["target"] == "cls"
+        heat = np.asarray(r["heatmap"])
+        assert heat.shape == (28, 28)
+        # the 4 x 4 patch grid, upsampled: its maximum lies in the patch where the attention is largest
+        gy, gx = np.unravel_index(attn[i].argmax(), attn[i].shape)
+        assert heat[gy * 7:(gy + 1) * 7, gx * 7:(gx + 1) * 7].max() == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("task", ["binary-class", "multi-class"])
+def test_localize_cam_box_and_overlay(served, task):
+    model = served.models[task]
+    images = _test_images(served, task, 6)
+    want = model.predict(images)
+    graph = ExportGraph(model.net, model.entry.input_size, with_localization=True).eval()
+    with torch.no_grad():
+        cams = graph(preprocess(images, model.entry.preprocess))[1].numpy()
+    for i, a in enumerate(images_hwc(images)):
+        r = ok(served.srv.post("/localize", png(a), model=model.entry.name))
+        assert r["label"] == want.labels[i] and r["map_kind"] == "cam" and r["target"] == want.labels[i]
+        k = int(want.indices[i])
+        cam = cams[i][0] * (1 if k == 1 else -1) if task == "binary-class" else cams[i][k]
+        np.testing.assert_allclose(r["heatmap"], normalise(cam), atol=2e-4)
+        heat = np.asarray(r["heatmap"])
+        assert r["box_input"] == vars(top_box(heat, 0.5)) == r["box"]  # a 28 px upload: the same pixels
+        b = r["box_input"]
+        assert heat[b["y0"]:b["y1"], b["x0"]:b["x1"]].max() == 1.0
+        overlay = Image.open(io.BytesIO(base64.b64decode(r["overlay_png"])))
+        assert overlay.format == "PNG" and overlay.size == (224, 224) == tuple(r["overlay_size"])
+    # another label's map, another threshold
+    other = model.entry.labels[0]
+    r = ok(served.srv.post("/localize", png(images_hwc(images)[0]), model=model.entry.name, label=other,
+                                  threshold="0.2"))
+    assert r["target"] == other and r["box_threshold"] == 0.2
+
+
+def test_upload_forms_conversion_and_resize(served):
+    """JPEG, .npy (uint8 and float), a form upload, RGB for a grey model and grey for an RGB one, other sizes:
+    each answers as ``predict`` does on the same image."""
+    srv, grey, rgb = served.srv, served.models["binary-class"], served.models["multi-class"]
+    a = images_hwc(_test_images(served, "binary-class", 1))[0][:, :, 0]  # (28, 28) uint8
+    base = ok(srv.post("/classify", png(a), model=grey.entry.name))
+    assert ok(srv.post("/classify", npy(a), model=grey.entry.name)) == base
+    r = ok(srv.post("/classify", npy(a[:, :, None].astype(np.float32) / 255), model=grey.entry.name))
+    assert r["label"] == base["label"]
+    np.testing.assert_allclose(list(r["probabilities"].values()), list(base["probabilities"].values()), atol=1e-5)
+    form = srv.client.post("/classify", files={"image": ("scan.bin", png(a), "application/octet-stream")},
+                           params={"model": grey.entry.name})
+    assert ok(form) == base
+    rng = np.random.default_rng(0)
+    cases = [(grey, rng.integers(0, 256, (40, 52, 3), dtype=np.uint8)),   # RGB -> grey, resized
+             (rgb, rng.integers(0, 256, (64, 64), dtype=np.uint8)),       # grey -> RGB, resized
+             (rgb, rng.integers(0, 256, (30, 30, 3), dtype=np.uint8))]
+    for model, img in cases:
+        want = model.predict([Image.fromarray(img)])
+        for body in (png(img), npy(img)):
+            r = ok(srv.post("/classify", body, model=model.entry.name))
+            assert r["label"] == want.labels[0]
+            np.testing.assert_allclose(list(r["probabilities"].values()), want.probs[0], atol=1e-4)
+    img = rng.integers(0, 256, (56, 56, 3), dtype=np.uint8)
+    r = ok(srv.post("/classify", jpeg(img), model=rgb.entry.name))
+    assert r["label"] == rgb.predict([Image.open(io.BytesIO(jpeg(img)))]).labels[0]
+    # boxes come back in the uploaded image's pixels
+    r = ok(srv.post("/localize", png(np.kron(a, np.ones((4, 4), dtype=np.uint8))), model=grey.entry.name))
+    b, bi = r["box"], r["box_input"]
+    assert (b["x0"], b["y0"], b["x1"], b["y1"]) == tuple(4 * v for v in (bi["x0"], bi["y0"], bi["x1"], bi["y1"]))
+
+
+# ------------------------------------------------------------------------------------ refusals
+
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    hits: list[str] = []
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        _Recorder.hits.append(self.path)
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.end_headers()
+        self.wfile.write(png(np.zeros((28, 28), np.uint8)))
+
+    def log_message(self, *args):
+        pass
+
+
+def _bad_inputs(a: np.ndarray, url: str) -> dict[str, tuple[bytes, dict, int, str]]:
+    """name -> (body, query, status, words the message must hold)."""
+    good = png(a)
+    deep = Image.fromarray(a.astype(np.uint16) * 257)
+    buf = io.BytesIO()
+    deep.save(buf, format="PNG")
+    return {
+        "empty body": (b"", {}, 400, "empty"),
+        "not an image": (b"GIF89a" + bytes(64), {}, 415, "not a supported image"),
+        "text": (b"hello, is this an image?", {}, 415, "not a supported image"),
+        "truncated png": (good[: len(good) // 2], {}, 400, "truncated"),
+        "50 MB upload": (b"\x89PNG\r\n\x1a\n" + bytes(50 * 2**20), {}, 413, "at most"),
+        "20000 x 20000 png": (zero_png(20000, 20000), {}, 413, "pixels"),
+        "16-bit png": (buf.getvalue(), {}, 415, "16-bit"),
+        "npy channels first": (npy(np.zeros((1, 28, 28), np.uint8)), {}, 422, "shape"),
+        "npy 4-d": (npy(np.zeros((2, 28, 28, 1), np.uint8)), {}, 422, "shape"),
+        "npy int64": (npy(np.zeros((28, 28), np.int64)), {}, 422, "dtype"),
+        "npy objects": (npy(np.array([[None]], dtype=object)), {}, 422, "pickle"),
+        "npy float out of range": (npy(np.full((28, 28), 3.0, np.float32)), {}, 422, "[0, 1]"),
+        "npy truncated": (npy(np.zeros((28, 28), np.uint8))[:-100], {}, 400, "truncated"),
+        "unknown model": (good, {"model": "baseline-resnet18-nosuchmnist"}, 404, "not served"),
+        "no model among several": (good, {"model": None}, 400, "?model="),
+        "url instead of bytes": (url.encode(), {}, 400, "does not fetch URLs"),
+        "quoted url": (f'"{url}"'.encode(), {}, 400, "does not fetch URLs"),
+        "form without a file": (b"", {"form": {"image": url}}, 400, "no file"),
+    }
+
+
+def test_bad_inputs_get_4xx_json_and_the_server_keeps_serving(served):
+    srv, name = served.srv, _name(served, "binary-class")
+    a = images_hwc(_test_images(served, "binary-class", 1))[0][:, :, 0]
+    good = ok(srv.post("/classify", png(a), model=name))
+    recorder = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    threading.Thread(target=recorder.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{recorder.server_address[1]}/scan.png"
+    try:
+        for case, (body, query, status, words) in _bad_inputs(a, url).items():
+            params = {"model": name, **{k: v for k, v in query.items() if k != "form"}}
+            params = {k: v for k, v in params.items() if v is not None}
+            for path in ("/classify", "/localize"):
+                if "form" in query:
+                    r = srv.client.post(path, data=query["form"], files={"note": (None, "x")}, params=params)
+                else:
+                    r = srv.post(path, body, **params)
+                assert r.status_code == status, (case, path, r.status_code, r.text)
+                assert words in read_json(r)["error"], (case, r.text)
+                assert ok(srv.post("/classify", png(a), model=name)) == good, case  # still serving
+    finally:
+        recorder.shutdown()
+    assert _Recorder.hits == []  # no URL was fetched
+    metrics = srv.client.get("/metrics").text
+    assert 'medzoo_refused_requests_total{endpoint="classify",status="413"} 2.0' in metrics  # 50 MB and 20000 px
+
+
+def test_bad_query_parameters(served):
+    srv, name = served.srv, _name(served, "binary-class")
+    body = png(images_hwc(_test_images(served, "binary-class", 1))[0])
+    for params, words in [({"threshold": "1.5"}, "threshold"), ({"threshold": "nan"}, "threshold"),
+                          ({"label": "no such label"}, "not one of")]:
+        r = srv.post("/localize", body, model=name, **params)
+        assert r.status_code == 422 and words in read_json(r)["error"]
+
+
+def test_float_rgb_array_for_a_grey_model_is_refused(served):
+    r = served.srv.post("/classify", npy(np.zeros((28, 28, 3), np.float32)), model=_name(served, "binary-class"))
+    assert r.status_code == 422 and "1-channel" in read_json(r)["error"]
+
+
+# ------------------------------------------------------------------------------------ batching, service endpoints
+
+
+def test_concurrent_requests_are_batched(served):
+    srv, model = served.srv, served.models["multi-class"]
+    images = _test_images(served, "multi-class", 48)
+    want = model.predict(images).labels
+    bodies = [png(a) for a in images_hwc(images)]
+
+    def batches() -> tuple[float, float]:
+        text = srv.client.get("/metrics").text
+        get = lambda key: sum(float(ln.split()[-1]) for ln in text.splitlines()  # noqa: E731
+                              if ln.startswith(key) and model.entry.name in ln)
+        return get("medzoo_batch_size_sum"), get("medzoo_batch_size_count")
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=60) as c:
+            return await asyncio.gather(*(c.post("/classify", content=b, params={"model": model.entry.name})
+                                          for b in bodies))
+
+    images0, n0 = batches()
+    responses = asyncio.run(burst())
+    assert [ok(r)["label"] for r in responses] == want
+    images1, n1 = batches()
+    assert images1 - images0 == len(bodies)
+    assert n1 - n0 < len(bodies)  # some requests shared a batch
+    assert srv.client.get("/metrics").text.count("medzoo_batch_size_bucket") > 0
+
+
+def test_health_readiness_listing_metrics_openapi(served):
+    c = served.srv.client
+    assert c.get("/livez").status_code == 200 and c.get("/readyz").status_code == 200
+    listing = ok(c.get("/models"))
+    assert listing["status"] == "ready" and listing["backend"] == "onnx"
+    names = [m["name"] for m in listing["models"]]
+    assert names == [served.models[k].entry.name for k in [*TASKS, "probe"]]
+    probe = listing["models"][-1]
+    e = served.models["probe"].entry
+    assert probe["localization"] == "attention" and probe["mean"] == list(e.mean) and probe["in_chans"] == 3
+    assert listing["models"][0]["localization"] == "cam" and listing["models"][0]["image_mode"] == "L"
+    metrics = c.get("/metrics").text
+    assert "bentoml_service_request_total" in metrics and "medzoo_models_ready 4.0" in metrics
+    spec = ok(c.get("/docs.json"))
+    for path in ("/classify", "/localize"):
+        op = spec["paths"][path]["post"]
+        assert [p["name"] for p in op["parameters"]][0] == "model"
+        assert {"image/png", "image/jpeg", "multipart/form-data"} <= set(op["requestBody"]["content"])
+        assert {"413", "415", "422"} <= set(op["responses"])
+    assert "/models" in spec["paths"] and "/readyz" in spec["paths"]
+    assert any(k.startswith("LocalizeResponse") for k in spec["components"]["schemas"])  # BentoML adds a suffix
+
+
+def test_loaded_bundles_are_the_entries_exports(served):
+    for task in TASKS:
+        d = Path(served.folders[task]) / "export" / "onnx"
+        assert {"model.onnx", "export.json", "preprocess.json"} <= {p.name for p in d.iterdir()}
