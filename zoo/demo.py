@@ -7,14 +7,22 @@
 4. Evaluation of every model through ``zoo.load(...).predict``, next to published figures.
 5. Export of the distilled student to ONNX INT8 with its parity receipt.
 6. Attention maps of the backbone on a test image (``zoo explain``), predictions on test images.
-7. A report (markdown) with every figure of the run.
+7. Serving: the distilled student behind ``zoo serve`` (BentoML) on loopback, one image over HTTP.
+8. A report (markdown) with every figure of the run.
 
 Run with ``make demo`` (or ``zoo demo``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -42,7 +50,45 @@ def _anchor(fn, *args):
 
 
 def _step(i: int, text: str) -> None:
-    print(f"\n[{i}/7] {text}", flush=True)
+    print(f"\n[{i}/8] {text}", flush=True)
+
+
+def serve_once(name: str, png: bytes, timeout: float = 300) -> tuple[dict, dict]:
+    """Start ``python -m serving NAME`` on a free loopback port, POST one image to /classify and
+    /localize, stop the server (and every process it started)."""
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "serving", name, "--port", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "BENTOML_DO_NOT_TRACK": "true"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        t0 = time.monotonic()
+        with httpx.Client(base_url=url, timeout=60) as client:
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"the server exited with status {proc.returncode}; run `zoo serve {name}`")
+                try:
+                    if client.get("/models").json().get("status") == "ready":
+                        break
+                except (httpx.TransportError, ValueError):
+                    pass
+                if time.monotonic() - t0 > timeout:
+                    raise TimeoutError(f"the server was not ready after {timeout:.0f} s")
+                time.sleep(0.3)
+            answer = client.post(f"/classify?model={name}", content=png).json()
+            localize = client.post(f"/localize?model={name}", content=png).json()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return answer, localize
 
 
 def run(progress: bool = True) -> Path:
@@ -119,7 +165,17 @@ def run(progress: bool = True) -> Path:
         truth = model.entry.labels[int(test.labels[i, 0])]
         print(f"      test[{i}]: predicted {lab!r:18s} p={[round(float(x), 3) for x in p]}  truth {truth!r}")
 
-    _step(7, "report")
+    _step(7, f"serving {STUDENT} over HTTP (BentoML, onnxruntime) and classifying a test image")
+    buf = io.BytesIO()
+    Image.fromarray(test.images[0, 0].numpy()).save(buf, format="PNG")
+    answer, localize = serve_once(STUDENT, buf.getvalue())
+    print(f"      POST /classify -> {json.dumps(answer)}")
+    print(f"      POST /localize -> {localize['map_kind']} map, box {localize['box']}")
+    report += ["", "## 7. Serving", "", f"`zoo serve {STUDENT}`: POST /classify of test image 0 answered "
+               f"{answer['label']!r} with probabilities {answer['probabilities']}; /localize gave a "
+               f"{localize['map_kind']} map with box {localize['box']}."]
+
+    _step(8, "report")
     total = time.perf_counter() - t0
     report += ["", "## Time", "", *(f"- {k}: {v:.0f} s" for k, v in times.items()), f"- total: {total:.0f} s"]
     path = store.zoo_home() / "demo" / "report.md"
