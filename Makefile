@@ -36,6 +36,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/dinomx_vs_lightly.py
 	$(BIN)/python benchmarks/dinomx_pointing.py
 	$(BIN)/python benchmarks/serve_load.py
+	$(BIN)/python benchmarks/serve_load.py --precision int8 --out benchmarks/results/serve_load_int8
 	$(BIN)/python benchmarks/report.py
 
 clean-venv:

@@ -53,12 +53,13 @@ def _export() -> list[str]:
             "through onnxruntime.", "", *p.read_text().strip().splitlines()]
 
 
-def _md(name: str, intro: str) -> list[str]:
-    """A results table written by ``benchmarks/<name>.py`` as ``results/<name>.md``."""
+def _md(name: str, intro: str, command: str = "") -> list[str]:
+    """A results table written as ``results/<name>.md`` by ``command`` (default ``benchmarks/<name>.py``)."""
     p = RESULTS / f"{name}.md"
+    command = command or f"benchmarks/{name}.py"
     if not p.is_file():
-        return [f"_Not run yet: `python benchmarks/{name}.py`._"]
-    return [f"{intro} (`benchmarks/{name}.py`):", "", *p.read_text().strip().splitlines()]
+        return [f"_Not run yet: `python {command}`._"]
+    return [f"{intro} (`{command}`):", "", *p.read_text().strip().splitlines()]
 
 
 def render() -> str:
@@ -67,7 +68,9 @@ def render() -> str:
              _md("dinomx_strategies", "Full fine-tuning, LoRA and freezing of the same backbone"),
              _md("dinomx_vs_lightly", "A DINO-MX training step next to lightly's DINO"),
              _md("dinomx_pointing", "Label-guided crops and attention pointing accuracy on a synthetic benchmark"),
-             _md("serve_load", "HTTP serving under load")]
+             _md("serve_load", "HTTP serving under load"),
+             _md("serve_load_int8", "HTTP serving under load, INT8 bundle",
+                 "benchmarks/serve_load.py --precision int8 --out benchmarks/results/serve_load_int8")]
     out = [START, ""]
     for part in parts:
         out += [*part, ""]

@@ -13,8 +13,9 @@ The script builds nothing: it serves a built zoo entry (default the 28 px studen
 3. paced phases: the same clients send ``--paced-requests`` requests at a fixed offered rate, for
    each of ``--paced-fractions`` of the direct batch-1 rate (latency counted from when each request
    was due, so waiting for a free client is not hidden): latency below saturation;
-4. checks every answer: HTTP 200 and the label ``zoo.load(name).predict`` gives for that image
-   (anything else counts as an error);
+4. checks every answer: HTTP 200 and the label ``zoo.load(name).predict`` gives for that image, or
+   with ``--precision fp16|int8`` the label the served bundle gives when run directly (its agreement
+   with the FP32 model is in its ``export.json``); anything else counts as an error;
 5. samples the server's resident memory (launcher and worker) every ``--rss-every`` seconds through
    both phases, and reads the batch sizes and runtime seconds from ``/metrics``.
 
@@ -22,6 +23,7 @@ Each phase stops at its request count or at ``--max-seconds``, whichever comes f
 
     python benchmarks/serve_load.py                                  # 6000 saturated, 2 x 3000 paced
     python benchmarks/serve_load.py --duration 600                   # the 10-minute memory run
+    python benchmarks/serve_load.py --precision int8 --out benchmarks/results/serve_load_int8
 
 Writes ``benchmarks/results/serve_load.{json,md}`` (``--out`` to change).
 """
@@ -57,8 +59,12 @@ TARGET_P99_MS = 50.0
 # ----------------------------------------------------------------------------------------- workload
 
 
-def workload(name: str, n: int) -> tuple[list[bytes], list[str], np.ndarray]:
-    """Up to ``n`` real test images of the entry's dataset as PNG bytes, their zoo labels and model input."""
+def workload(name: str, n: int, bundle: Path | None = None) -> tuple[list[bytes], list[str], np.ndarray]:
+    """Up to ``n`` real test images of the entry's dataset as PNG bytes, their expected labels and model input.
+
+    The labels are ``zoo.load(name).predict``'s, or, given a ``bundle``, what its ``model.onnx`` gives
+    (an FP16/INT8 bundle may disagree with the FP32 model on a few images; the server must not).
+    """
     from PIL import Image
 
     from zoo.api import load, model_split
@@ -67,13 +73,23 @@ def workload(name: str, n: int) -> tuple[list[bytes], list[str], np.ndarray]:
     model = load(name)
     images = model_split(model, "test").images[:n]
     labels = model.predict(images).labels
+    x = preprocess(images, model.entry.preprocess).numpy()
+    if bundle is not None:
+        import torch
+
+        from serving.runtime import OnnxRuntime
+        from zoo.inference import logits_to_probs, make_prediction
+
+        e = model.entry
+        logits = np.concatenate([OnnxRuntime(bundle / "model.onnx", 1)(x[i:i + 64])[0] for i in range(0, len(x), 64)])
+        labels = make_prediction(logits_to_probs(torch.from_numpy(logits), e.task), e.task, e.labels).labels
     pngs = []
     for im in images:
         a = im.permute(1, 2, 0).numpy()
         buf = io.BytesIO()
         Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a).save(buf, format="PNG")
         pngs.append(buf.getvalue())
-    return pngs, labels, preprocess(images, model.entry.preprocess).numpy()
+    return pngs, labels, x
 
 
 def direct_onnxruntime(model_path: Path, x: np.ndarray, threads: int, batch: int, seconds: float) -> dict:
@@ -105,7 +121,7 @@ def free_port() -> int:
 
 def start_server(name: str, port: int, a, log: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "serving", name, "--port", str(port), "--max-batch-size", str(a.max_batch_size),
-           "--max-latency-ms", str(a.max_latency_ms), "--threads", str(a.threads)]
+           "--max-latency-ms", str(a.max_latency_ms), "--threads", str(a.threads), "--precision", a.precision]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "BENTOML_DO_NOT_TRACK": "true"}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -305,10 +321,11 @@ def markdown(r: dict) -> str:
     row = ("| {phase} | {requests} | {errors} | {seconds} | {throughput_rps} | {p50_ms} | {p90_ms} | {p99_ms} | "
            "{max_ms} |")
     lines = [
-        f"`zoo serve {r['model']}` ({r['backend']}, max batch {c['max_batch_size']}, max latency "
+        f"`zoo serve {r['model']} --precision {c['precision']}` ({r['backend']} on `{r['bundle']}`, max batch "
+        f"{c['max_batch_size']}, max latency "
         f"{c['max_latency_ms']} ms, {c['threads']} runtime thread(s)) on {r['host']['cpu_count']} CPU cores shared "
         f"with {r['clients']} concurrent loopback clients (aiohttp, one process); PNG test images of {r['dataset']} to "
-        f"`/classify`, every answer checked against `zoo.load(...).predict`. Load average "
+        f"`/classify`, every answer checked against {r['labels_from']}. Load average "
         f"{r['host']['loadavg_before']} before, {r['host']['loadavg_after']} after (other jobs on the machine).",
         "",
         "| phase | requests | errors | seconds | req/s | p50 ms | p90 ms | p99 ms | max ms |",
@@ -365,6 +382,8 @@ def main() -> None:
                     help="paced phases: offered rates as fractions of direct batch-1 onnxruntime (default 0.5,0.8)")
     ap.add_argument("--max-seconds", type=float, default=900, help="hard bound on each phase")
     ap.add_argument("--images", type=int, default=512, help="distinct test images cycled through")
+    ap.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
+                    help="ONNX bundle served and measured directly (zoo serve --precision)")
     ap.add_argument("--max-batch-size", type=int, default=32)
     ap.add_argument("--max-latency-ms", type=int, default=10_000)
     ap.add_argument("--threads", type=int, default=0, help="server runtime threads (default: the server's own)")
@@ -378,8 +397,8 @@ def main() -> None:
 
     threads = a.direct_threads or os.cpu_count() or 1  # the strongest single-process baseline
     server_threads = a.threads or default_threads()
-    bundle = ensure_onnx(a.model, print)
-    pngs, labels, x = workload(a.model, a.images)
+    bundle = ensure_onnx(a.model, print, a.precision)
+    pngs, labels, x = workload(a.model, a.images, None if a.precision == "fp32" else bundle)
     print(f"{len(pngs)} test images of {a.model}; direct onnxruntime ({threads} threads) ...", flush=True)
 
     def direct_run() -> dict:
@@ -434,8 +453,12 @@ def main() -> None:
     import torch
 
     model = listing["models"][0]
+    labels_from = ("`zoo.load(...).predict`" if a.precision == "fp32" else
+                   f"the labels `{bundle.name}/model.onnx` gives run directly")
     r = {"model": a.model, "version": model["version"], "dataset": model["dataset"], "backend": model["backend"],
-         "clients": a.clients, "config": {"max_batch_size": a.max_batch_size, "max_latency_ms": a.max_latency_ms,
+         "bundle": f"export/{bundle.name}/model.onnx", "labels_from": labels_from,
+         "clients": a.clients, "config": {"precision": a.precision, "max_batch_size": a.max_batch_size,
+                                          "max_latency_ms": a.max_latency_ms,
                                           "threads": server_threads, "duration": a.duration, "requests": a.requests,
                                           "paced_requests": a.paced_requests, "paced_fractions": a.paced_fractions},
          "saturated": sat, "paced": paced, "direct_onnxruntime": direct, "batching": batching, "cpu": cpu,

@@ -27,6 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--backend", choices=("onnx", "torch"), default="onnx",
                    help="onnx: ONNX Runtime on the exported bundle, made when missing (default); torch: zoo.load")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
+                   help="ONNX bundle served: fp32 (default), fp16, or int8 (static QDQ, calibrated on training "
+                        "images; about 4x faster on CPU, agreement with fp32 in its export.json)")
     p.add_argument("--max-batch-size", type=int, default=32, help="most images per adaptive batch (default 32)")
     p.add_argument("--max-latency-ms", type=int, default=10_000,
                    help="adaptive batching latency budget; requests predicted to miss it get 503 (default 10000)")
@@ -43,7 +46,7 @@ def config_from_args(a: argparse.Namespace):
     """The :class:`serving.config.ServeConfig` the arguments describe (pydantic errors are ValueErrors)."""
     from serving.config import MIB, ServeConfig
 
-    return ServeConfig(models=a.models, backend=a.backend, max_batch_size=a.max_batch_size,
+    return ServeConfig(models=a.models, backend=a.backend, precision=a.precision, max_batch_size=a.max_batch_size,
                        max_latency_ms=a.max_latency_ms, max_upload_bytes=int(a.max_upload_mb * MIB),
                        max_pixels=a.max_pixels, threads=a.threads, access_log=a.access_log)
 
@@ -55,7 +58,7 @@ def prepare(cfg, say=lambda m: print(m, file=sys.stderr, flush=True)) -> list[st
     for name in cfg.models:
         folder = entry_folder(name)  # unknown names raise here, with the closest ones
         if cfg.backend == "onnx":
-            ensure_onnx(name, say)  # not built -> NotBuiltError with the `zoo build` command
+            ensure_onnx(name, say, cfg.precision)  # not built -> NotBuiltError with the `zoo build` command
         elif not (folder / "config.json").is_file():
             from zoo.api import NotBuiltError
 
@@ -114,7 +117,7 @@ def main(a: argparse.Namespace) -> str:
     try:
         listing = wait_ready(url, server, a.ready_timeout)
         versions = ", ".join(f"{m['name']} ({m['version']})" for m in listing["models"])
-        print(f"ready: {versions} on {url} ({cfg.backend}, {time.monotonic() - t0:.1f} s to load); "
+        print(f"ready: {versions} on {url} ({cfg.backend} {cfg.precision}, {time.monotonic() - t0:.1f} s to load); "
               f"POST {url}/classify?model=NAME with an image as the body; Ctrl-C stops", file=sys.stderr, flush=True)
         while server.running:
             time.sleep(0.5)

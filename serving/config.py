@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MIB = 1 << 20
 
@@ -20,6 +20,9 @@ class ServeConfig(BaseModel):
     Attributes:
         models: zoo names (or folders of built entries / runs) to serve, chosen at start-up.
         backend: ``onnx`` (ONNX Runtime on the exported ``model.onnx``) or ``torch`` (``zoo.load``).
+        precision: of the ONNX bundle served: ``fp32`` (export format ``onnx``), ``fp16``
+            (``onnx-fp16``) or ``int8`` (``onnx-int8``, static QDQ calibrated on training images);
+            the torch backend serves fp32 only.
         max_batch_size: most images per adaptive batch (per model).
         max_latency_ms: the latency budget of the adaptive batcher; a request it predicts cannot be
             answered within it is refused with 503 (BentoML's ``max_latency_ms`` semantics).
@@ -34,12 +37,19 @@ class ServeConfig(BaseModel):
 
     models: list[str] = Field(min_length=1)
     backend: Literal["onnx", "torch"] = "onnx"
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
     max_batch_size: int = Field(32, ge=1, le=1024)
     max_latency_ms: int = Field(10_000, ge=1)
     max_upload_bytes: int = Field(10 * MIB, ge=1)
     max_pixels: int = Field(4096 * 4096, ge=1)
     threads: int = Field(0, ge=0)
     access_log: bool = False
+
+    @model_validator(mode="after")
+    def _torch_is_fp32(self):
+        if self.backend == "torch" and self.precision != "fp32":
+            raise ValueError(f"the torch backend serves fp32 only; use backend onnx for precision {self.precision}")
+        return self
 
     @field_validator("models", mode="before")
     @classmethod

@@ -257,7 +257,7 @@ class ZooService:
         gc.freeze()
         self.status = "ready"
         self.metrics["ready"].set(len(models))
-        log.info("serving %s (%s backend)", ", ".join(self.models), cfg.backend)
+        log.info("serving %s (%s backend, %s)", ", ".join(self.models), cfg.backend, cfg.precision)
 
     async def __is_ready__(self) -> bool:
         return self.status == "ready"
@@ -275,7 +275,7 @@ class ZooService:
         """``GET /models``."""
         cfg = self.config
         return {"status": self.status, "error": self.load_error, "backend": cfg.backend,
-                "models": [m.describe() for m in self.models.values()],
+                "precision": cfg.precision, "models": [m.describe() for m in self.models.values()],
                 "limits": {"max_upload_bytes": cfg.max_upload_bytes, "max_pixels": cfg.max_pixels,
                            "max_batch_size": cfg.max_batch_size, "max_latency_ms": cfg.max_latency_ms}}
 
@@ -358,8 +358,9 @@ def _load_all(cfg: ServeConfig) -> list:
     models = []
     for name in cfg.models:
         if cfg.backend == "onnx":
-            ensure_onnx(name)  # `zoo serve` has done this already; `bentoml serve` may not have
-        m = load_model(name, cfg.backend, cfg.threads)
+            # `zoo serve` has done this already; `bentoml serve` may not have
+            ensure_onnx(name, precision=cfg.precision)
+        m = load_model(name, cfg.backend, cfg.threads, cfg.precision)
         if any(m.name == o.name for o in models):
             raise ServingError(f"{m.name} is given twice")
         m.warm_up(cfg.max_batch_size)

@@ -23,10 +23,10 @@ Shapes (B images, h heads, T = 1 + registers + g_h * g_w tokens):
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+from zoo import store
 from zoo.models import HFBackbone
 
 # viridis at 9 evenly spaced points (the palette R's viridis(9) gives); interpolated linearly between.
@@ -457,20 +458,14 @@ def _display(batch: torch.Tensor) -> np.ndarray:
     return a[..., 0] if a.shape[-1] == 1 else a
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()  # np.savez given a path would append ".npz" to the temporary name
+    np.savez(buf, **arrays)
+    return buf.getvalue()
 
 
 def _save_png(img: Image.Image, path: Path) -> Path:
-    _atomic_write(path, lambda f: img.save(f, format="PNG"))
+    store.write_atomic(path, lambda p: img.save(p, format="PNG"))
     return path
 
 
@@ -540,7 +535,7 @@ def explain(name_or_path: str | os.PathLike, image, out_dir: str | os.PathLike, 
     if "pca" in arrays:
         files["pca"] = _save_png(rgb_image(arrays["pca"], big.shape[:2]), out / "pca.png")
     files["maps"] = out / "maps.npz"
-    _atomic_write(files["maps"], lambda f: np.savez(f, **arrays))
+    store.write_atomic(files["maps"], lambda p: p.write_bytes(_npz_bytes(arrays)))
     # Full floats: the pointing benchmark compares these with box edges exactly.
     summary["peaks"] = {key: list(peak(h, (height, width))) for key, h in heatmaps.items()}
     summary["files"] = {key: p.name for key, p in files.items()}

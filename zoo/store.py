@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -61,20 +61,31 @@ def weight_files(d: Path) -> list[Path]:
     return sorted(p for p in d.rglob("*.safetensors") if p.is_file())
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
+def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """Write ``path`` all or nothing: ``write(tmp)`` fills a temporary file beside it, which then
+    replaces ``path`` in one rename, so a crash or kill mid-write leaves the old file (or none).
+
+    ``write`` takes the temporary path (``torch.save``, ``safetensors.torch.save_file``, ``PIL``'s
+    ``save`` and ``np.savez`` all accept one). The file gets ordinary 0644 permissions (``mkstemp``
+    makes it private).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
-            f.flush()
+        write(Path(tmp))
+        with open(tmp, "rb") as f:  # on disk before the rename makes it visible
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """``obj`` as indented JSON at ``path``, written with :func:`write_atomic`."""
+    write_atomic(path, lambda p: p.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n"))
 
 
 @contextmanager

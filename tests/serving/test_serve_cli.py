@@ -33,6 +33,10 @@ def test_arguments_become_the_bento_arguments():
         ServeConfig(models=["a"], unknown=1)
     with pytest.raises(SystemExit):
         _parse("a", "--backend", "tensorrt")
+    assert cli.config_from_args(_parse("a", "--precision", "int8")).precision == "int8"
+    assert cli.config_from_args(_parse("a")).precision == "fp32"
+    with pytest.raises(ValueError, match="torch backend serves fp32 only"):
+        cli.config_from_args(_parse("a", "--backend", "torch", "--precision", "int8"))
 
 
 def test_cli_module_imports_cheaply():

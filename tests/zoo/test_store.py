@@ -32,6 +32,23 @@ def test_write_json_atomic(tmp_path):
     assert oct(p.stat().st_mode & 0o777) == "0o644"
 
 
+def test_write_atomic_keeps_the_old_file_when_the_writer_fails_half_way(tmp_path):
+    import torch
+
+    p = tmp_path / "ckpt.pt"
+    store.write_atomic(p, lambda q: torch.save({"step": 1}, q))
+    assert torch.load(p)["step"] == 1
+
+    def half(q: Path) -> None:
+        q.write_bytes(b"partial checkpoint")
+        raise KeyboardInterrupt  # e.g. Ctrl-C mid-write
+
+    with pytest.raises(KeyboardInterrupt):
+        store.write_atomic(p, half)
+    assert torch.load(p)["step"] == 1
+    assert [q.name for q in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
 def test_staged_dir_swaps_in_on_success(tmp_path):
     target = tmp_path / "entry"
     target.mkdir()

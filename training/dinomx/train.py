@@ -14,9 +14,7 @@ import datetime as dt
 import hashlib
 import json
 import math
-import os
 import platform
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,16 +114,7 @@ def _gen(seed: int, step: int, stream: int) -> torch.Generator:
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; checkpoints are ordinary files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    store.write_atomic(path, lambda p: torch.save(obj, p))
 
 
 class Pretrainer:
