@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body in MiB (default 10)")
     p.add_argument("--max-pixels", type=int, default=4096 * 4096,
                    help="largest image, width x height, checked before decoding (default 16777216)")
-    p.add_argument("--threads", type=int, default=0, help="runtime intra-op threads per model (default: CPU cores - 1)")
+    p.add_argument("--threads", type=int, default=0, help="runtime intra-op threads per model (default: all cores)")
     p.add_argument("--access-log", action="store_true", help="log every request (off by default)")
     p.add_argument("--ready-timeout", type=float, default=600.0, metavar="S",
                    help="seconds to wait for the models to load before giving up (default 600)")

@@ -28,7 +28,7 @@ class ServeConfig(BaseModel):
             answered within it is refused with 503 (BentoML's ``max_latency_ms`` semantics).
         max_upload_bytes: largest request body; larger ones get 413 before they are read.
         max_pixels: largest image (width x height), checked from the header before decoding.
-        threads: intra-op threads of each model's runtime; 0 = every CPU core but one (the event loop's).
+        threads: intra-op threads of each model's runtime; 0 = every CPU core.
         access_log: log one line per request (off by default: at hundreds of requests a second the
             log costs more CPU than a small model; Prometheus metrics count every request anyway).
     """
