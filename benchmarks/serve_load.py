@@ -73,16 +73,17 @@ def workload(name: str, n: int, bundle: Path | None = None) -> tuple[list[bytes]
 
     model = load(name)
     images = model_split(model, "test").images[:n]
-    labels = model.predict(images).labels
     x = preprocess(images, model.entry.preprocess).numpy()
-    if bundle is not None:
+    if bundle is None:
+        labels = model.predict(images).labels
+    else:
         import torch
 
         from serving.runtime import OnnxRuntime
         from zoo.inference import logits_to_probs, make_prediction
 
-        e = model.entry
-        logits = np.concatenate([OnnxRuntime(bundle / "model.onnx", 1)(x[i:i + 64])[0] for i in range(0, len(x), 64)])
+        e, rt = model.entry, OnnxRuntime(bundle / "model.onnx", 1)
+        logits = np.concatenate([rt(x[i:i + 64])[0] for i in range(0, len(x), 64)])
         labels = make_prediction(logits_to_probs(torch.from_numpy(logits), e.task), e.task, e.labels).labels
     pngs = []
     for im in images:

@@ -66,8 +66,8 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     replaces ``path`` in one rename, so a crash or kill mid-write leaves the old file (or none).
 
     ``write`` takes the temporary path (``torch.save``, ``safetensors.torch.save_file``, ``PIL``'s
-    ``save`` and ``np.savez`` all accept one). The file gets ordinary 0644 permissions (``mkstemp``
-    makes it private).
+    ``save`` and ``Path.write_bytes`` all accept one; not ``np.savez``, which appends ``.npz`` to a
+    name). The file gets ordinary 0644 permissions (``mkstemp`` makes it private).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
