@@ -5,8 +5,8 @@ Builds ``baseline-resnet18-<flag>`` with a CPU schedule (``--config``, default
 still chosen on validation AUC) so the report can give time-to-accuracy: the training time after
 which test ACC first came within 1 pt of the published figure.
 
-    python benchmarks/baseline_resnet18_28.py                       # the four local sets
-    python benchmarks/baseline_resnet18_28.py --datasets breastmnist train.epochs=5
+    python -m benchmarks.baseline_resnet18_28                       # the four local sets
+    python -m benchmarks.baseline_resnet18_28 --datasets breastmnist train.epochs=5
 
 Writes ``benchmarks/results/baseline_resnet18_28.{json,md}``; rows of datasets not re-run are kept.
 """
@@ -17,19 +17,16 @@ import argparse
 import json
 import os
 import platform
-import sys
 from pathlib import Path
 
 import torch
 
+from benchmarks.report import baseline_table
+from zoo import store
+from zoo.anchors import medmnist_v2
+from zoo.api import build
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.anchors import medmnist_v2  # noqa: E402
-from benchmarks.report import baseline_table  # noqa: E402
-from zoo import store  # noqa: E402
-from zoo.api import build  # noqa: E402
-
 LOCAL = ["breastmnist", "pneumoniamnist", "bloodmnist", "organamnist"]
 REF = "ResNet-18 (28)"
 

@@ -2,8 +2,8 @@
 for a pretrained zoo backbone and the same architecture at random init, next to MedMNIST+'s
 ImageNet DINO ViT-B/16 at 28 px.
 
-    python benchmarks/dinomx_knn.py                                   # dinomx-vit-mini-p4-bloodmnist
-    python benchmarks/dinomx_knn.py --entry dinomx-vit-mini-p4-breastmnist --build
+    python -m benchmarks.dinomx_knn                                   # dinomx-vit-mini-p4-bloodmnist
+    python -m benchmarks.dinomx_knn --entry dinomx-vit-mini-p4-breastmnist --build
 
 The entry must be built (``zoo build NAME --config dinomx/cpu.yaml``; ``--build`` does it). Both
 backbones are evaluated by the same code (:func:`training.dinomx.evaluate.evaluate_backbone`), on
@@ -23,17 +23,14 @@ from pathlib import Path
 
 import torch
 
+from training.dinomx.config import parse
+from training.dinomx.evaluate import evaluate_backbone
+from zoo import anchors, store
+from zoo.api import load_backbone, read_config
+from zoo.backbones import ViTBackbone, create_model
+from zoo.registry import get_entry
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks import anchors  # noqa: E402
-from training.dinomx.backbones import create_model  # noqa: E402
-from training.dinomx.evaluate import evaluate_backbone  # noqa: E402
-from zoo import store  # noqa: E402
-from zoo.api import load_backbone, read_config  # noqa: E402
-from zoo.models import HFBackbone  # noqa: E402
-from zoo.registry import get_entry  # noqa: E402
-
 RESULTS = ROOT / "benchmarks" / "results"
 TARGET_PT = 10.0
 
@@ -70,12 +67,12 @@ def main(argv: list[str] | None = None) -> dict:
     pretrained, prep = load_backbone(entry.name, pooling="cls")
     torch.manual_seed(int(cfg["seed"]))  # the initialisation the pretraining run started from
     model = create_model(entry.arch, prep.in_chans, image_size=prep.input_size)
-    random_init = HFBackbone(model.eval(), pooling="cls")
+    random_init = ViTBackbone(model.eval(), pooling="cls")
 
     rows = []
     for name, bb in (("DINO-MX pretrained", pretrained), ("random init", random_init)):
         t0 = time.perf_counter()
-        ev = evaluate_backbone(bb, cfg, prep, datasets=flags)
+        ev = evaluate_backbone(bb, parse(cfg), prep, datasets=flags)
         for flag in flags:
             k, lin = ev["knn"][flag], ev["linear"].get(flag, {})
             rows.append({"dataset": flag, "model": name, "knn_val_acc": k["val"]["acc"],

@@ -16,15 +16,15 @@ pretrained twice with the same config, seed, steps, batch and images: ``crops.la
 local crops contains the lesion). Everything else is the same budget.
 
 Metric: on the held-out images, the last layer's CLS -> patch attention averaged over heads
-(``zoo.explain.cls_attention``) of the saved teacher backbone (loaded with ``zoo.api.load_backbone``);
-a hit when its peak cell's centre lies in the box (``zoo.explain.pointing_hit``, the pointing game).
+(``zoo.maps.cls_attention``) of the saved teacher backbone (loaded with ``zoo.api.load_backbone``);
+a hit when its peak cell's centre lies in the box (``zoo.maps.pointing_hit``, the pointing game).
 References: the chance rate (mean box area / image area, and the share of patch-cell centres inside
 the box, which is the exact hit rate of a uniformly random peak) and a contrast baseline that points
 at the cell whose pixels differ most from the image median (how salient the lesion is without any
 learning).
 
-    python benchmarks/dinomx_pointing.py           # 2 presets x 2 seeds x 2 runs of 400 steps (~20 min on 2 busy cores)
-    python benchmarks/dinomx_pointing.py --presets dino --seeds 0 1 2 --steps 300 --train 2000 --test 500
+    python -m benchmarks.dinomx_pointing           # 2 presets x 2 seeds x 2 runs of 400 steps (~20 min on 2 busy cores)
+    python -m benchmarks.dinomx_pointing --presets dino --seeds 0 1 2 --steps 300 --train 2000 --test 500
 
 Writes ``benchmarks/results/dinomx_pointing.{json,md}``. Whatever the difference is, it is reported as measured.
 """
@@ -36,7 +36,6 @@ import math
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -45,11 +44,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from zoo import store
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from zoo import store  # noqa: E402
-
 RESULTS = ROOT / "benchmarks" / "results" / "dinomx_pointing"
 
 
@@ -117,7 +114,7 @@ def random_backbone(path: Path, size: int, width: int, depth: int, heads: int, p
     """A random-init 1-channel Dinov2 saved as a transformers directory (the 'pretrained' start of both runs)."""
     from transformers import Dinov2Config, Dinov2Model
 
-    from training.dinomx.backbones import save_backbone
+    from zoo.backbones import save_backbone
 
     torch.manual_seed(seed)
     cfg = Dinov2Config(hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads, mlp_ratio=4,
@@ -130,7 +127,8 @@ def pretrain(init: Path, images: torch.Tensor, boxes: torch.Tensor, preset: str,
              a: argparse.Namespace, work: Path) -> dict[str, Any]:
     """One DINO-MX run from ``init``; returns where its backbone is and what the run reported."""
     from training.config import load_config
-    from training.dinomx.train import PretrainData, run
+    from training.dinomx.data import PretrainData
+    from training.dinomx.recipe import run
 
     local = max(a.patch, round(12 * a.size / 28 / a.patch) * a.patch)  # 12 px at 28 px, a whole number of patches
     cfg = load_config(f"dinomx/{preset}.yaml", [
@@ -157,7 +155,7 @@ def attention_maps(backbone_dir: Path, images: torch.Tensor, chunk: int = 256) -
     """Head-averaged last-layer CLS -> patch attention (N, g, g) of a saved backbone, in its own preprocessing."""
     from zoo.api import load_backbone
     from zoo.data import preprocess
-    from zoo.explain import cls_attention
+    from zoo.maps import cls_attention
 
     bb, prep = load_backbone(backbone_dir)
     maps = [cls_attention(bb, preprocess(images[i:i + chunk], prep), layer=-1).mean(dim=1)
@@ -167,7 +165,7 @@ def attention_maps(backbone_dir: Path, images: torch.Tensor, chunk: int = 256) -
 
 def hits(maps: torch.Tensor, boxes: torch.Tensor, size: int) -> np.ndarray:
     """(N,) bool: does each map's peak fall in its box (the pointing game)."""
-    from zoo.explain import pointing_hit
+    from zoo.maps import pointing_hit
 
     return np.array([pointing_hit(m, b.tolist(), size) for m, b in zip(maps, boxes)], dtype=bool)
 
@@ -330,7 +328,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--guided", type=float, default=0.5, help="crops.label_guided share of the guided run")
     ap.add_argument("--presets", nargs="+", default=["dinov2", "dino"],
-                    help="configs/dinomx/<preset>.yaml, each pretrained with and without label-guided crops")
+                    help="training/configs/dinomx/<preset>.yaml, each pretrained with and without label-guided crops")
     ap.add_argument("--width", type=int, default=96)
     ap.add_argument("--depth", type=int, default=4)
     ap.add_argument("--heads", type=int, default=3)

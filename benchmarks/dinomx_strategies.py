@@ -17,8 +17,8 @@ CPU, the CUDA allocator peak on GPUs) belongs to that run alone; every worker im
 modules (peft included) before it measures its starting RSS, which is reported too. Step time (wall
 clock, and this process's CPU time) is the median over the steps after the first.
 
-    python benchmarks/dinomx_strategies.py
-    python benchmarks/dinomx_strategies.py --backbone /path/to/hf_dir --freeze-blocks 6 --steps 8
+    python -m benchmarks.dinomx_strategies
+    python -m benchmarks.dinomx_strategies --backbone /path/to/hf_dir --freeze-blocks 6 --steps 8
 
 Writes ``benchmarks/results/dinomx_strategies.{json,md}``; checks backbone trainable parameters
 full / LoRA >= 10 (``--min-lora-ratio``) and exits 1 when that fails.
@@ -38,8 +38,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 RESULTS = ROOT / "benchmarks" / "results" / "dinomx_strategies"
 STRATEGIES = ("full", "lora", "freeze")
 MARKER = "DINOMX_STRATEGY_RESULT "
@@ -61,9 +59,11 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
     import peft  # noqa: F401  (imported by every worker, so the starting RSS is comparable)
     import torch
 
+    from training import distributed as D
     from training.config import load_config
+    from training.dinomx.data import PretrainData
     from training.dinomx.model import peak_memory_mb
-    from training.dinomx.train import PretrainData, Pretrainer
+    from training.dinomx.recipe import Pretraining
 
     torch.set_num_threads(a.threads)
     images = load_images(a.data, a.images, a.seed)
@@ -72,20 +72,24 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
         f"model.backbone={a.backbone}", f"optim.batch_size={a.batch}", f"optim.steps={a.steps}", "optim.amp=none",
         f"seed={a.seed}", "log.progress=false", "checkpoint.every=0",
         *strategy_overrides(a.worker, a.freeze_blocks, a.lora_r), *a.overrides])
-    pt = Pretrainer(cfg, PretrainData(images))
+    pt = Pretraining(cfg, PretrainData(images))
     if pt.env.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(pt.env.device)
     pt.runner.module.train()
     times, cpu_times, losses = [], [], []
+
+    def record(done: int, out: dict[str, torch.Tensor], grad_norm: float) -> None:
+        losses.append(D.average(out, pt.env)["loss"])  # the global-batch loss of the step
+
     for s in range(a.steps):
         t0, c0 = time.perf_counter(), time.process_time()
-        row = pt.train_step(s)
+        # One step of the shared loop (no progress bar, history or checkpoint): step s, then stop.
+        pt.loop.run(pt.task, pt.state, images_per_step=pt.task.batch, stop_after=s + 1, on_step=record)
         if pt.env.device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         # CPU time leaves out the time other processes held the cores (steadier on a shared CPU).
         cpu_times.append(time.process_time() - c0)
-        losses.append(row["loss"])
     timed = times[1:] or times  # the first step pays one-off allocation and kernel selection
     cpu_timed = cpu_times[1:] or cpu_times
     p = pt.params
@@ -115,7 +119,7 @@ def load_images(data: str, n: int, seed: int):
 
 def run_strategy(strategy: str, a: argparse.Namespace) -> dict[str, Any]:
     """Run one strategy in a fresh interpreter and read back its result line."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", strategy, "--backbone", a.backbone,
+    cmd = [sys.executable, "-m", "benchmarks.dinomx_strategies", "--worker", strategy, "--backbone", a.backbone,
            "--data", a.data, "--images", str(a.images), "--batch", str(a.batch), "--steps", str(a.steps),
            "--freeze-blocks", str(a.freeze_blocks), "--lora-r", str(a.lora_r), "--threads", str(a.threads),
            "--seed", str(a.seed), "--preset", a.preset, *a.overrides]
@@ -187,7 +191,7 @@ def markdown(r: dict[str, Any]) -> str:
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backbone", default="vit-tiny-p4", help="named config, local HF directory or hub id")
-    ap.add_argument("--preset", default="default", help="configs/dinomx/<preset>.yaml")
+    ap.add_argument("--preset", default="default", help="training/configs/dinomx/<preset>.yaml")
     ap.add_argument("--data", default="bloodmnist", help="MedMNIST flag (28 px train split) or 'random'")
     ap.add_argument("--images", type=int, default=512)
     ap.add_argument("--batch", type=int, default=32)

@@ -1,13 +1,13 @@
 """Training-step throughput: a DINO-MX step next to lightly's DINO on the same backbone, crops, batch and precision.
 
 Both sides train the same transformers ViT (``--backbone``, CLS token through
-``training.dinomx.backbones.Encoder``, same seed so the same initial weights) with DINO heads of the
+``zoo.backbones.ViTBackbone``, same seed so the same initial weights) with DINO heads of the
 same sizes (``head.*`` of the DINO-MX config), the same optimizer (AdamW, same lr and weight decay),
 gradient clipping at ``optim.clip_grad``, an EMA teacher with a cosine momentum schedule and a
 linear teacher-temperature warm-up.
 
-- **DINO-MX**: ``training.dinomx.train.Pretrainer`` with the ``dinomx/dino.yaml`` preset (DINO loss
-  with centering; no iBOT, KoLeo or Gram), one ``train_step`` per step. ``--dinov2`` adds a second
+- **DINO-MX**: ``training.dinomx.recipe.Pretraining`` with the ``dinomx/dino.yaml`` preset (DINO loss
+  with centering; no iBOT, KoLeo or Gram), one step of its training loop per step. ``--dinov2`` adds a second
   row with the full DINOv2-style step (``dinomx/dinov2.yaml``: Sinkhorn-Knopp, iBOT masked patches
   with a separate head, KoLeo), which does more work per image than lightly's DINO.
 - **lightly**: ``lightly==1.6.0`` built as its DINO example does: ``DINOProjectionHead`` on the
@@ -28,8 +28,8 @@ are reported: of median wall-clock images/s; of images per CPU-second of this pr
 it leaves out the time other processes held the cores, so it is the steadier one on a shared
 machine); and the median over rounds of the paired step-time ratio.
 
-    python benchmarks/dinomx_vs_lightly.py                      # vit-mini-p4, BloodMNIST, batch 64
-    python benchmarks/dinomx_vs_lightly.py --dinov2 --steps 20 --threads 2
+    python -m benchmarks.dinomx_vs_lightly                      # vit-mini-p4, BloodMNIST, batch 64
+    python -m benchmarks.dinomx_vs_lightly --dinov2 --steps 20 --threads 2
 
 Writes ``benchmarks/results/dinomx_vs_lightly.{json,md}``.
 """
@@ -41,7 +41,6 @@ import copy
 import os
 import platform
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -51,16 +50,15 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from training.config import load_config
+from training.dinomx.crops import Crops, MultiCrop
+from training.dinomx.data import PretrainData
+from training.dinomx.recipe import Pretraining
+from training.loop import amp_dtype
+from zoo import store
+from zoo.backbones import ViTBackbone, create_model
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from training.config import load_config  # noqa: E402
-from training.dinomx.backbones import Encoder, create_model  # noqa: E402
-from training.dinomx.crops import Crops, MultiCrop  # noqa: E402
-from training.dinomx.train import PretrainData, Pretrainer  # noqa: E402
-from training.loop import amp_dtype  # noqa: E402
-from zoo import store  # noqa: E402
-
 RESULTS = ROOT / "benchmarks" / "results" / "dinomx_vs_lightly"
 # lightly 1.6's DINOProjectionHead uses torch.nn.utils.weight_norm, which torch flags as deprecated on every build.
 warnings.filterwarnings("ignore", message=r".*weight_norm.*deprecated", category=FutureWarning)
@@ -81,7 +79,7 @@ def load_images(data: str, n: int, seed: int) -> tuple[torch.Tensor, str]:
 
 
 class Replay:
-    """Stands in for a Pretrainer's ``MultiCrop``: returns the crops precomputed for the current step."""
+    """Stands in for a Pretraining task's ``MultiCrop``: returns the crops precomputed for the current step."""
 
     def __init__(self) -> None:
         self.current: Crops | None = None
@@ -93,14 +91,14 @@ class Replay:
 
 
 class CLSBackbone(nn.Module):
-    """The Encoder as lightly's examples expect a backbone: images -> (B, D) features (the CLS token)."""
+    """The ViTBackbone as lightly's examples expect a backbone: images -> (B, D) features (the CLS token)."""
 
-    def __init__(self, encoder: Encoder):
+    def __init__(self, encoder: ViTBackbone):
         super().__init__()
         self.encoder = encoder
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder(x)[0]
+        return self.encoder.encode(x)[0]
 
 
 class LightlyDINO(nn.Module):
@@ -139,11 +137,11 @@ class LightlyTrainer:
         from lightly.loss import DINOLoss
 
         m, o, dn = cfg["model"], cfg["optim"], cfg["dino"]
-        torch.manual_seed(int(cfg["seed"]))  # as Pretrainer does before building: the same backbone weights
-        encoder = Encoder(create_model(m["backbone"], in_chans, m["channel_init"], m["revision"],
-                                       float(m["drop_path"]), int(cfg["crops"]["global_size"])))
+        torch.manual_seed(int(cfg["seed"]))  # as Pretraining does before building: the same backbone weights
+        encoder = ViTBackbone(create_model(m["backbone"], in_chans, m["channel_init"], m["revision"],
+                                           float(m["drop_path"]), int(cfg["crops"]["global_size"])), pooling="cls")
         self.total = total
-        self.model = LightlyDINO(CLSBackbone(encoder), encoder.embed_dim, cfg["head"],
+        self.model = LightlyDINO(CLSBackbone(encoder), encoder.hidden_size, cfg["head"],
                                  int(float(o["freeze_last_layer"]) * total)).to(device)
         self.criterion = DINOLoss(output_dim=int(cfg["head"]["out_dim"]), warmup_teacher_temp=float(
             dn["warmup_teacher_temp"]), teacher_temp=float(dn["teacher_temp"]), student_temp=float(dn["student_temp"]),
@@ -189,12 +187,12 @@ class LightlyTrainer:
         return float(loss.detach())
 
 
-def dinomx_trainer(preset: str, overrides: list[str], data: PretrainData) -> tuple[Pretrainer, Replay, MultiCrop]:
-    """A Pretrainer whose crops come from a :class:`Replay`; also returns its own MultiCrop."""
+def dinomx_trainer(preset: str, overrides: list[str], data: PretrainData) -> tuple[Pretraining, Replay, MultiCrop]:
+    """A Pretraining whose crops come from a :class:`Replay`; also returns its own MultiCrop."""
     cfg = load_config(f"dinomx/{preset}.yaml", overrides)
-    pt = Pretrainer(cfg, data)
-    replay, crops = Replay(), pt.crops
-    pt.crops = replay  # the step then trains on crops made outside the timed region
+    pt = Pretraining(cfg, data)
+    replay, crops = Replay(), pt.task.crops
+    pt.task.crops = replay  # the step then trains on crops made outside the timed region
     pt.runner.module.train()
     return pt, replay, crops
 
@@ -212,13 +210,14 @@ def run_benchmark(backbone: str, data: str, n_images: int, batch: int, steps: in
                  f"optim.amp={amp}", f"seed={seed}", "log.progress=false", "checkpoint.every=0", *(extra or [])]
     pd = PretrainData(images)
     mx, replay, multicrop = dinomx_trainer("dino", overrides, pd)
-    cfg = mx.cfg
+    cfg = mx.raw  # the resolved config dict (mx.cfg is its typed form)
     sides: dict[str, Callable[[int, Crops], Any]] = {}
 
-    def mx_step(pt: Pretrainer, rp: Replay) -> Callable[[int, Crops], Any]:
+    def mx_step(pt: Pretraining, rp: Replay) -> Callable[[int, Crops], Any]:
         def step(s: int, crops: Crops) -> Any:
             rp.current = crops
-            return pt.train_step(s)
+            # step s of the shared loop, then stop (the loop reads the step from pt.state, which is s here)
+            return pt.loop.run(pt.task, pt.state, images_per_step=pt.task.batch, stop_after=s + 1)
         return step
 
     sides["dinomx (DINO preset)"] = mx_step(mx, replay)
@@ -283,7 +282,7 @@ def run_benchmark(backbone: str, data: str, n_images: int, batch: int, steps: in
 
     return {
         "backbone": backbone, "data": data_desc, "batch": batch, "warmup_steps": warmup, "timed_steps": steps,
-        "precision": amp, "autocast_dtype": str(mx.dtype) if mx.dtype is not None else "float32",
+        "precision": amp, "autocast_dtype": str(mx.task.dtype) if mx.task.dtype is not None else "float32",
         "crops": {"global": [2, int(c["global_size"])], "local": [int(c["local_number"]), int(c["local_size"])]},
         "head": {k: cfg["head"][k] for k in ("out_dim", "hidden_dim", "bottleneck_dim", "nlayers")},
         "augmentation": "excluded from both: crops made once per step outside the timed region, fed to every side",

@@ -1,12 +1,12 @@
 """What distillation costs per epoch: MedAlmighty student epoch time / plain student epoch time.
 
 The teacher is frozen and the data are not augmented, so its logits are computed once per split
-and cached (training/teacher.py); a distillation epoch then costs a plain epoch plus a KL term.
+and cached (training/medalmighty/teacher.py); a distillation epoch then costs a plain epoch plus a KL term.
 Both runs use the same recipe, seed and data; they alternate (plain, distil, plain, distil) so
 load from other processes hits both alike, and the median epoch time of each is compared.
 
-    python benchmarks/distill_overhead.py --teacher /path/to/hf_backbone_dir
-    python benchmarks/distill_overhead.py            # a random tiny Dinov2 teacher (timing only)
+    python -m benchmarks.distill_overhead --teacher /path/to/hf_backbone_dir
+    python -m benchmarks.distill_overhead            # a random tiny Dinov2 teacher (timing only)
 
 Writes ``benchmarks/results/distill_overhead.json``. Target: ratio <= 1.15.
 """
@@ -16,18 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from training.entries import train_config
+from zoo import store
 
-from training.build import train_config  # noqa: E402
-from zoo import store  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_teacher(path: Path) -> str:

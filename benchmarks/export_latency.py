@@ -11,8 +11,8 @@ Accuracy: built zoo entries (``--accuracy NAME ...``, default: every built ``bas
 are exported to INT8 and their receipts give test ACC/AUC through onnxruntime next to torch's and
 the FP32 ONNX file's, on the whole test split.
 
-    python benchmarks/export_latency.py                          # ResNet-50 @ 224 px, ResNet-18 @ 28 px
-    python benchmarks/export_latency.py --threads 2 --runs 300 --accuracy baseline-resnet18-bloodmnist
+    python -m benchmarks.export_latency                          # ResNet-50 @ 224 px, ResNet-18 @ 28 px
+    python -m benchmarks.export_latency --threads 2 --runs 300 --accuracy baseline-resnet18-bloodmnist
 
 Writes ``benchmarks/results/export_latency.{json,md}``.
 """
@@ -24,22 +24,20 @@ import dataclasses
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from export import to_onnx
+from export.onnx_export import session
+from zoo import store
+from zoo.api import ZooModel
+from zoo.models import create_student
+from zoo.registry import get_entry, list_models
 
-from export import to_onnx  # noqa: E402
-from export.onnx_export import session  # noqa: E402
-from zoo import store  # noqa: E402
-from zoo.api import ZooModel  # noqa: E402
-from zoo.models import create_student  # noqa: E402
-from zoo.registry import get_entry, list_models  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # name -> (arch, registry entry giving dataset/labels, input size, small stem); targets from the issue.
 CASES = {

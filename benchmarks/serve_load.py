@@ -17,13 +17,20 @@ The script builds nothing: it serves a built zoo entry (default the 28 px studen
    with ``--precision fp16|int8`` the label the served bundle gives when run directly (its agreement
    with the FP32 model is in its ``export.json``); anything else counts as an error;
 5. samples the server's resident memory (launcher and worker) every ``--rss-every`` seconds through
-   both phases, and reads the batch sizes and runtime seconds from ``/metrics``.
+   both phases, and reads the batch sizes and runtime seconds from ``/metrics``;
+6. large-image phase: ``--large-clients`` (40) concurrent ``/classify`` requests, each a PNG of
+   ``--large-size``² pixels (4096², within the default limits; a test image upscaled, ~50 KB),
+   sampling the worker's RSS every 50 ms: before the burst, its peak, and after it settles
+   (``--large-settle`` s), against stated ceilings (peak at most :data:`LARGE_PEAK_CEILING_MB`
+   above the level before, and back within :data:`LARGE_AFTER_CEILING_MB` of it afterwards).
+   Requests the server refuses with 503 (decoded-pixel budget full) are counted, not errors.
 
 Each phase stops at its request count or at ``--max-seconds``, whichever comes first.
 
-    python benchmarks/serve_load.py                                  # 6000 saturated, 2 x 3000 paced
+    python benchmarks/serve_load.py                                  # 6000 saturated, 2 x 3000 paced, large
     python benchmarks/serve_load.py --duration 600                   # the 10-minute memory run
     python benchmarks/serve_load.py --precision int8 --out benchmarks/results/serve_load_int8
+    python benchmarks/serve_load.py --large-only --out /tmp/serve_large   # only the large-image burst (~1 min)
 
 Writes ``benchmarks/results/serve_load.{json,md}`` (``--out`` to change).
 """
@@ -55,6 +62,9 @@ from zoo import store  # noqa: E402
 
 TARGET_RATIO = 0.8
 TARGET_P99_MS = 50.0
+# Large-image burst: 40 x 4096² PNGs once took the worker from 1.35 to 6.1 GB, and it stayed at 4.4-5.0 GB.
+LARGE_PEAK_CEILING_MB = 1024.0  # peak worker RSS during the burst, above the level before it
+LARGE_AFTER_CEILING_MB = 256.0  # worker RSS once the burst has settled, above the level before it
 
 
 # ----------------------------------------------------------------------------------------- workload
@@ -321,6 +331,92 @@ def _met(ok: bool) -> str:
     return "met" if ok else "NOT met"
 
 
+def large_png(image: np.ndarray, size: int) -> bytes:
+    """A test image (H, W, C) uint8 upscaled to ``size`` x ``size`` (nearest), as PNG: tens of KB, ``size``² pixels."""
+    from PIL import Image
+
+    a = image[:, :, 0] if image.shape[2] == 1 else image
+    buf = io.BytesIO()
+    Image.fromarray(a).resize((size, size), Image.NEAREST).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def worker_rss_mb(proc: subprocess.Popen) -> float:
+    import psutil
+
+    total = 0.0
+    for p in server_processes(proc)[1:]:
+        try:
+            total += p.memory_info().rss / 2**20
+        except psutil.Error:
+            pass
+    return round(total, 1)
+
+
+async def large_image_phase(url: str, name: str, proc: subprocess.Popen, body: bytes, label: str, clients: int,
+                            settle: float) -> dict:
+    """``clients`` concurrent posts of one large PNG; the worker's RSS before, at its peak, and after settling."""
+    import aiohttp
+
+    before = worker_rss_mb(proc)
+    peak, stop = before, asyncio.Event()
+
+    async def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, worker_rss_mb(proc))
+            await asyncio.sleep(0.05)
+
+    statuses: dict[str, int] = {}
+    labels_agree = 0
+    endpoint = f"{url}/classify?model={name}"
+
+    async def one(session: aiohttp.ClientSession) -> float:
+        nonlocal labels_agree
+        t = time.perf_counter()
+        try:
+            async with session.post(endpoint, data=body, headers={"Content-Type": "image/png"}) as r:
+                answer = await r.read()
+                key = str(r.status)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            answer, key = b"", type(e).__name__
+        statuses[key] = statuses.get(key, 0) + 1
+        if key == "200" and json.loads(answer)["label"] == label:
+            labels_agree += 1
+        return (time.perf_counter() - t) * 1e3
+
+    sampler = asyncio.create_task(sample())
+    t0 = time.perf_counter()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients),
+                                     timeout=aiohttp.ClientTimeout(total=300)) as session:
+        latencies = await asyncio.gather(*(one(session) for _ in range(clients)))
+    burst_s = time.perf_counter() - t0
+    await asyncio.sleep(settle)
+    stop.set()
+    await sampler
+    after = worker_rss_mb(proc)
+    peak = max(peak, after)
+    return {"clients": clients, "png_bytes": len(body), "statuses": statuses, "labels_agree_with_28px": labels_agree,
+            "burst_seconds": round(burst_s, 2), "settle_seconds": settle,
+            "max_ms": round(max(latencies), 1), "p50_ms": round(float(np.percentile(latencies, 50)), 1),
+            "worker_rss_before_mb": before, "worker_rss_peak_mb": peak, "worker_rss_after_mb": after,
+            "peak_growth_mb": round(peak - before, 1), "after_growth_mb": round(after - before, 1),
+            "ceilings": {"peak_growth_mb": LARGE_PEAK_CEILING_MB, "after_growth_mb": LARGE_AFTER_CEILING_MB},
+            "peak_met": peak - before <= LARGE_PEAK_CEILING_MB, "after_met": after - before <= LARGE_AFTER_CEILING_MB,
+            "no_5xx_but_503": all(k == "200" or k == "503" for k in statuses)}
+
+
+def large_markdown(g: dict, size: int) -> str:
+    refused = g["statuses"].get("503", 0)
+    return (f"Large images: {g['clients']} concurrent `/classify` requests, each a {size} x {size} PNG "
+            f"({g['png_bytes'] / 1024:.0f} KB), answered in {g['burst_seconds']} s ({g['statuses'].get('200', 0)} "
+            f"x 200, {refused} x 503 for a full decoded-pixel budget; answers {g['statuses']}). Worker RSS "
+            f"**{g['worker_rss_before_mb']} MB before, {g['worker_rss_peak_mb']} MB at the peak "
+            f"(+{g['peak_growth_mb']} MB; ceiling +{LARGE_PEAK_CEILING_MB:.0f} MB: {_met(g['peak_met'])}), "
+            f"{g['worker_rss_after_mb']} MB {g['settle_seconds']:.0f} s after** (+{g['after_growth_mb']} MB; "
+            f"ceiling +{LARGE_AFTER_CEILING_MB:.0f} MB: {_met(g['after_met'])}).")
+
+
 def markdown(r: dict) -> str:
     sat, d, m, c = r["saturated"], r["direct_onnxruntime"], r["rss"], r["config"]
     w = m["worker"]
@@ -361,6 +457,8 @@ def markdown(r: dict) -> str:
         f"{w['second_half_slope_mb_per_min']} MB/min). Launcher + worker: {m['total']['start_mb']} -> "
         f"{m['total']['end_mb']} MB.",
     ]
+    if r.get("large_images"):
+        lines += ["", large_markdown(r["large_images"], r["config"]["large_size"])]
     return "\n".join(lines) + "\n"
 
 
@@ -398,6 +496,12 @@ def main() -> None:
     ap.add_argument("--direct-threads", type=int, default=0, help="direct run's threads (default: every core)")
     ap.add_argument("--direct-seconds", type=float, default=10.0)
     ap.add_argument("--rss-every", type=float, default=1.0)
+    ap.add_argument("--large-clients", type=int, default=40, help="large-image phase: concurrent requests (0: skip)")
+    ap.add_argument("--large-size", type=int, default=4096, help="large-image phase: side of each PNG in pixels")
+    ap.add_argument("--large-settle", type=float, default=5.0,
+                    help="large-image phase: seconds after the burst before the 'after' RSS is read")
+    ap.add_argument("--large-only", action="store_true",
+                    help="run only the large-image phase (no direct baseline, saturated or paced phases)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_load"))
     a = ap.parse_args()
 
@@ -407,6 +511,8 @@ def main() -> None:
     server_threads = a.threads or default_threads()
     bundle = ensure_onnx(a.model, print, a.precision)
     pngs, labels, x = workload(a.model, a.images, None if a.precision == "fp32" else bundle)
+    if a.large_only:
+        return large_only(a, pngs, labels)
     print(f"{len(pngs)} test images of {a.model}; direct onnxruntime ({threads} threads) ...", flush=True)
 
     def direct_run() -> dict:
@@ -439,6 +545,11 @@ def main() -> None:
         gc.freeze()
         res_sat, res_paced = asyncio.run(phases(url, a, pngs, labels, sampler, rates))
         m1, cpu1 = batch_metrics(url), cpu_seconds(procs)
+        large = None
+        if a.large_clients:
+            print(f"large-image phase: {a.large_clients} concurrent {a.large_size}² PNGs ...", flush=True)
+            large = asyncio.run(large_image_phase(url, a.model, proc, large_png(_first_image(pngs), a.large_size),
+                                                  labels[0], a.large_clients, a.large_settle))
     finally:
         stop_server(proc, children)
     # Measured again after the load and averaged: other work on a shared machine hits both sides alike.
@@ -472,7 +583,8 @@ def main() -> None:
          "clients": a.clients, "config": {"precision": a.precision, "max_batch_size": a.max_batch_size,
                                           "max_latency_ms": a.max_latency_ms,
                                           "threads": server_threads, "duration": a.duration, "requests": a.requests,
-                                          "paced_requests": a.paced_requests, "paced_fractions": a.paced_fractions},
+                                          "paced_requests": a.paced_requests, "paced_fractions": a.paced_fractions,
+                                          "large_clients": a.large_clients, "large_size": a.large_size},
          "saturated": sat, "paced": paced, "direct_onnxruntime": direct, "batching": batching, "cpu": cpu,
          "ratio_to_direct": round(thr / direct["batch1"]["images_per_s"], 3),
          "ratio_to_batched": round(thr / direct["batched"]["images_per_s"], 3),
@@ -485,6 +597,7 @@ def main() -> None:
                  "every_s": a.rss_every, "worker": rss_summary(sampler.samples, "workers_mb"),
                  "total": rss_summary(sampler.samples, "total_mb")},
          "rss_series": sampler.samples,
+         "large_images": large,
          "host": {"cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
                   "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
                   "loadavg_before": [round(v, 2) for v in load0], "loadavg_after": [round(v, 2) for v in load1]},
@@ -493,6 +606,41 @@ def main() -> None:
     store.write_json_atomic(out.with_suffix(".json"), r)
     out.with_suffix(".md").write_text(markdown(r))
     print(markdown(r))
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+
+
+def _first_image(pngs: list[bytes]) -> np.ndarray:
+    from PIL import Image
+
+    a = np.asarray(Image.open(io.BytesIO(pngs[0])))
+    return a[:, :, None] if a.ndim == 2 else a
+
+
+def large_only(a, pngs: list[bytes], labels: list[str]) -> None:
+    """``--large-only``: start the server, run the large-image burst, write its results alone."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = Path(tempfile.mkdtemp(prefix="serve-load-")) / "server.log"
+    proc = start_server(a.model, port, a, log)
+    children: list[int] = []
+    try:
+        listing = wait_ready(url, proc)
+        children = [p.pid for p in server_processes(proc)[1:]]
+        print(f"server ready (log {log}); {a.large_clients} concurrent {a.large_size}² PNGs ...", flush=True)
+        large = asyncio.run(large_image_phase(url, a.model, proc, large_png(_first_image(pngs), a.large_size),
+                                              labels[0], a.large_clients, a.large_settle))
+    finally:
+        stop_server(proc, children)
+    r = {"model": a.model, "version": listing["models"][0]["version"], "limits": listing["limits"],
+         "config": {"precision": a.precision, "max_batch_size": a.max_batch_size, "max_latency_ms": a.max_latency_ms,
+                    "large_clients": a.large_clients, "large_size": a.large_size},
+         "large_images": large,
+         "host": {"cpu_count": os.cpu_count(), "loadavg": [round(v, 2) for v in os.getloadavg()]},
+         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    out = Path(a.out)
+    store.write_json_atomic(out.with_suffix(".json"), r)
+    out.with_suffix(".md").write_text(large_markdown(large, a.large_size) + "\n")
+    print(large_markdown(large, a.large_size))
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
 
 

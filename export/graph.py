@@ -5,119 +5,75 @@ preprocessing (resize, channel replication, normalisation) stays outside and is 
 bundle's ``preprocess.json``. Outputs:
 
 - ``logits`` (N, K): always, as ``ZooModel.net(x)``.
-- ``cam`` (N, K, S, S), CNN students with ``with_localization``: class-activation maps (Zhou et al.,
-  CVPR 2016), the classifier weights applied to the last feature map at every position, upsampled
-  (bilinear) to the input size. Before upsampling, the spatial mean of ``cam[:, k]`` plus the fc bias
-  is ``logits[:, k]``; the bias is left out, as in the paper.
-- ``attention`` (N, g, g), ViT probes with ``with_localization``: the last layer's CLS -> patch
-  attention averaged over heads (register tokens skipped), on the g x g patch grid. Needs the
-  backbone's eager attention (``zoo.models.HFBackbone`` loads it so).
+- with ``with_localization``, the map of :class:`zoo.maps.WithLocalization` (computed there, once for
+  export, serving and ``zoo explain``): ``cam`` (N, K, S, S) for CNN students (before upsampling,
+  the spatial mean of ``cam[:, k]`` plus the fc bias is ``logits[:, k]``; the bias is left out, as
+  in Zhou et al.), or ``attention`` (N, g, g) for ViT probes (eager attention needed:
+  :class:`zoo.backbones.ViTBackbone` loads it so).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from zoo.models import LinearClassifier
+from zoo.backbones import BackboneError
+from zoo.backbones import merge_adapters as _merge_adapters
+from zoo.errors import UsageError
+from zoo.maps import WithLocalization, localization_kind
 
 
 class ExportError(ValueError):
-    """An export that cannot be done as asked (bad format, opset, model); the message says what to do.
+    """An export that cannot be done as asked (a model it cannot trace, a failed check); the message says what to do.
 
-    A ``ValueError`` so the ``zoo`` command reports it as a one-line error with status 2.
+    A ``ValueError`` so the ``zoo`` command reports it as a one-line error (exit status 1).
     """
 
 
-def _is_peft(m: nn.Module) -> bool:
-    return type(m).__module__.split(".")[0] == "peft"
+class ExportArgumentError(ExportError, UsageError):
+    """An export asked for with arguments that cannot work (format, opset, precision): exit status 2."""
 
 
 def merge_adapters(net: nn.Module) -> nn.Module:
-    """``net`` with every peft adapter merged into its base weights (``merge_and_unload``).
-
-    The net itself, or any submodule (e.g. a ViT probe's ``backbone.model``), may be a peft model.
-    A copy is merged, so the caller's model keeps its adapters. Nets without peft come back as they are.
-    """
-    if not any(_is_peft(m) for m in net.modules()):
-        return net
-    net = copy.deepcopy(net)
-
-    def merge(m: nn.Module) -> nn.Module:
-        if _is_peft(m) and hasattr(m, "merge_and_unload"):
-            return m.merge_and_unload()
-        for name, child in list(m.named_children()):
-            merged = merge(child)
-            if merged is not child:
-                setattr(m, name, merged)
-        return m
-
-    net = merge(net)
-    left = sorted({type(m).__name__ for m in net.modules() if _is_peft(m)})
-    if left:
-        raise ExportError(f"adapter layers remain after merge_and_unload ({', '.join(left)}); "
-                          "merge the adapters into the base model before exporting")
-    return net
+    """``net`` with its peft adapters merged (:func:`zoo.backbones.merge_adapters`), failures as ExportError."""
+    try:
+        return _merge_adapters(net)
+    except BackboneError as e:
+        raise ExportError(str(e)) from None
 
 
 def localization_output(net: nn.Module) -> str:
     """The name of the localization output this net can export: ``cam`` (CNN) or ``attention`` (ViT)."""
-    if isinstance(net, LinearClassifier):
-        return "attention"
-    fc = net.get_classifier() if hasattr(net, "get_classifier") else None
-    if hasattr(net, "forward_features") and isinstance(fc, nn.Linear):
-        return "cam"
-    raise ExportError(f"no localization output for a {type(net).__name__}: CAMs need a CNN with "
-                      "forward_features and a linear classifier, attention maps a LinearClassifier ViT")
+    try:
+        return localization_kind(net)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
 
 
 class ExportGraph(nn.Module):
-    """The module that is traced: ``x -> logits`` or ``x -> (logits, map)``."""
+    """The module that is traced: ``x -> logits`` or ``x -> (logits, map)`` (:class:`zoo.maps.WithLocalization`)."""
 
     def __init__(self, net: nn.Module, input_size: int, with_localization: bool = False):
         super().__init__()
         self.net = net
         self.input_size = input_size
         self.map_name = localization_output(net) if with_localization else None
-        if self.map_name == "attention":
-            model = net.backbone.model
-            impl = getattr(model.config, "_attn_implementation", "eager")
-            if impl != "eager":
-                raise ExportError(f"attention maps need eager attention, the backbone uses {impl!r}; "
-                                  "load it with attn_implementation='eager'")
-            patch = model.config.patch_size
-            self.grid = input_size // (patch[0] if isinstance(patch, (tuple, list)) else patch)
+        try:
+            self.localized = WithLocalization(net, input_size) if with_localization else None
+        except ValueError as e:  # attention maps need eager attention
+            raise ExportError(str(e)) from None
 
     @property
     def output_names(self) -> list[str]:
         return ["logits"] + ([self.map_name] if self.map_name else [])
 
     def forward(self, x: torch.Tensor):
-        if self.map_name == "cam":
-            return self._cnn_with_cam(x)
-        if self.map_name == "attention":
-            return self._vit_with_attention(x)
+        if self.localized is not None:
+            return self.localized(x)
         return self.net(x)
-
-    def _cnn_with_cam(self, x: torch.Tensor):
-        feats = self.net.forward_features(x)  # (N, F, h, w)
-        logits = self.net.forward_head(feats)
-        cam = torch.einsum("kf,nfhw->nkhw", self.net.get_classifier().weight, feats)
-        cam = F.interpolate(cam, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
-        return logits, cam
-
-    def _vit_with_attention(self, x: torch.Tensor):
-        bb = self.net.backbone
-        out = bb.model(pixel_values=x, output_attentions=True)
-        logits = self.net.head(bb.pool(out.last_hidden_state))
-        attn = out.attentions[-1]  # (N, heads, T, T), tokens: CLS, registers, patches
-        cls_to_patches = attn[:, :, 0, 1 + bb.num_register_tokens :].mean(dim=1)
-        return logits, cls_to_patches.reshape(-1, self.grid, self.grid)
 
 
 @contextlib.contextmanager

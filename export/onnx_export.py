@@ -42,11 +42,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.graph import ExportError, ExportGraph, fixed_position_embeddings, merge_adapters
-from zoo import store
-from zoo.api import ZooModel, load, model_split
-from zoo.data import Split, per_channel, preprocess
+import zoo.store as store
+from export.graph import ExportArgumentError, ExportError, ExportGraph, fixed_position_embeddings, merge_adapters
+from zoo.data import Split, preprocess
 from zoo.inference import logits_to_probs, make_prediction, predict_logits
+from zoo.loading import ZooModel, load, model_split
 from zoo.metrics import compute_metrics
 from zoo.registry import ZooEntry
 
@@ -82,14 +82,14 @@ class ExportResult:
 
 def check_format(fmt: str, allowed: tuple[str, ...] = FORMATS) -> str:
     if fmt not in allowed:
-        raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(allowed)}")
+        raise ExportArgumentError(f"unknown export format {fmt!r}; choose one of {', '.join(allowed)}")
     return fmt
 
 
 def check_opset(opset: int) -> int:
     if not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
-        raise ExportError(f"cannot export opset {opset}: the exporter writes ONNX opsets {MIN_OPSET}-{MAX_OPSET} "
-                          f"(default {DEFAULT_OPSET}); pass --opset in that range")
+        raise ExportArgumentError(f"cannot export opset {opset}: the exporter writes ONNX opsets "
+                                  f"{MIN_OPSET}-{MAX_OPSET} (default {DEFAULT_OPSET}); pass --opset in that range")
     return opset
 
 
@@ -159,7 +159,7 @@ class Reference:
 def reference(job: Job, split: str = "test", max_images: int | None = None, root=None) -> Reference:
     """Torch logits (``predict_logits`` on ``ZooModel.net``) and maps on the real split of the entry's dataset."""
     if max_images is not None and max_images < 1:
-        raise ExportError(f"max_images must be at least 1, got {max_images}")
+        raise ExportArgumentError(f"max_images must be at least 1, got {max_images}")
     data = job.split(split, root)
     images, labels = data.images, data.labels.numpy()
     if max_images is not None and max_images < len(images):
@@ -266,7 +266,7 @@ def calibration_images(job: Job, n: int, root=None) -> torch.Tensor:
 
 def int8_mode(job: Job, mode: str = "auto") -> str:
     if mode not in ("auto", "static", "dynamic"):
-        raise ExportError(f"INT8 mode must be auto, static or dynamic, got {mode!r}")
+        raise ExportArgumentError(f"INT8 mode must be auto, static or dynamic, got {mode!r}")
     if mode == "auto":
         return "static" if job.entry.is_student else "dynamic"
     return mode
@@ -427,7 +427,7 @@ def preprocess_spec(job: Job, fmt: str, model_file: str) -> dict[str, Any]:
         "name": e.name, "format": fmt, "model_file": model_file, "input_name": INPUT, "input_dtype": "float32",
         "input_shape": ["batch", e.in_chans, e.input_size, e.input_size], "input_size": e.input_size,
         "in_chans": e.in_chans, "image_mode": "L" if e.in_chans == 1 else "RGB", "scale": 255.0,
-        "mean": per_channel(e.mean, e.in_chans), "std": per_channel(e.std, e.in_chans), "resize": e.resize,
+        "mean": list(e.preprocess.mean), "std": list(e.preprocess.std), "resize": e.resize,
         "task": e.task, "labels": list(e.labels), "outputs": job.graph.output_names,
     }
 

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.graph import ExportError
+from export.graph import ExportArgumentError, ExportError
 from export.onnx_export import (
     CALIB_IMAGES,
     DEFAULT_OPSET,
@@ -168,7 +168,7 @@ def to_tensorrt(model_or_name, out=None, precision: str = "fp16", opset: int = D
     ``<ZOO_HOME>/<name>/export/tensorrt/``.
     """
     if precision not in PRECISIONS:
-        raise ExportError(f"TensorRT precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise ExportArgumentError(f"TensorRT precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     ok, why = tensorrt_status()
     if not ok:
         raise TensorRTUnavailableError(f"cannot build a TensorRT engine here: {why}. Export ONNX instead "

@@ -9,9 +9,10 @@ from serving import cli
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Serve until interrupted; 0 when stopped, 2 for a usage error, 1 for a runtime error (one line each)."""
     p = argparse.ArgumentParser(prog="python -m serving", description="Serve zoo models over HTTP (BentoML).")
     cli.add_arguments(p)
-    a = p.parse_args(argv)
+    a = p.parse_args(argv)  # argparse's own errors exit with 2
     from zoo.registry import UnknownModelError
     from zoo.store import WeightsCorruptedError
 
@@ -19,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = cli.main(a)
     except (UnknownModelError, WeightsCorruptedError, ValueError, OSError) as e:  # as `zoo` reports them
         print(f"serving: error: {e}".replace("\n", " "), file=sys.stderr)
-        return 2
+        return cli.exit_status(e)
     print(summary)
     return 0
 

@@ -28,6 +28,9 @@ class ServeConfig(BaseModel):
             answered within it is refused with 503 (BentoML's ``max_latency_ms`` semantics).
         max_upload_bytes: largest request body; larger ones get 413 before they are read.
         max_pixels: largest image (width x height), checked from the header before decoding.
+        max_pixels_in_flight: most decoded pixels held at once by the uploads being decoded (all
+            requests together; default 4 x ``max_pixels``). An upload that finds no room waits up to
+            ``max_latency_ms`` for it, then gets 503 with Retry-After: it bounds the worker's memory.
         threads: intra-op threads of each model's runtime; 0 = every CPU core.
         access_log: log one line per request (off by default: at hundreds of requests a second the
             log costs more CPU than a small model; Prometheus metrics count every request anyway).
@@ -42,8 +45,15 @@ class ServeConfig(BaseModel):
     max_latency_ms: int = Field(10_000, ge=1)
     max_upload_bytes: int = Field(10 * MIB, ge=1)
     max_pixels: int = Field(4096 * 4096, ge=1)
+    max_pixels_in_flight: int | None = Field(None, ge=1)
     threads: int = Field(0, ge=0)
     access_log: bool = False
+
+    @model_validator(mode="after")
+    def _pixels_in_flight(self):
+        if self.max_pixels_in_flight is None:
+            self.max_pixels_in_flight = 4 * self.max_pixels
+        return self
 
     @model_validator(mode="after")
     def _torch_is_fp32(self):

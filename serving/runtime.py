@@ -33,19 +33,22 @@ import numpy as np
 import torch
 from PIL import Image
 
+import export
+import zoo.store as store
+from export.graph import ExportError, ExportGraph, localization_output, merge_adapters
 from serving.inputs import DecodedImage, RequestError
 from serving.localization import DEFAULT_THRESHOLD, b64, class_map, normalise, overlay_png, to_input_size, top_box
-from zoo import store
-from zoo.data import per_channel, preprocess
+from zoo.data import preprocess
 from zoo.inference import logits_to_probs, make_prediction, to_batch
-from zoo.registry import ZooEntry, get_entry
+from zoo.loading import NotBuiltError, load, resolve
+from zoo.maps import MAP_KINDS
+from zoo.registry import ZooEntry
+from zoo.tasks import get_task
 
 log = logging.getLogger("bentoml.serve.medzoo")  # under BentoML's logger, so the worker's log shows it
 
 PRECISIONS = {"fp32": "onnx", "fp16": "onnx-fp16", "int8": "onnx-int8"}  # serving precision -> export format
-MAP_OUTPUTS = ("cam", "attention")
-SIGMOID_TASKS = ("binary-class", "multi-label, binary-class")
-DECISION_THRESHOLD = 0.5  # make_prediction's p > 0.5 rule for sigmoid tasks
+MAP_OUTPUTS = MAP_KINDS
 
 
 class ServingError(ValueError):
@@ -56,14 +59,11 @@ class ServingError(ValueError):
 
 
 def entry_folder(name: str) -> Path:
-    """The folder of a built entry: ``name`` itself when it is one (entry or run), else its store folder.
+    """The folder of a built entry: a path when ``name`` looks like one (entry or run), else its store folder.
 
     Unknown names raise ``UnknownModelError``; whether it is built is checked when it is loaded.
     """
-    p = Path(name).expanduser()
-    if p.is_dir() and (p / "config.json").is_file():
-        return p
-    return store.entry_dir(get_entry(name).name)
+    return resolve(name, must_exist=False).dir
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -104,8 +104,6 @@ def ensure_onnx(name: str, say: Callable[[str], None] = log.info, precision: str
     problem = bundle_problem(folder, precision) if (folder / "config.json").is_file() else "not built"
     if problem is None:
         return folder / "export" / fmt
-    import export
-
     say(f"exporting {name} to {fmt} with its localization output ({problem}); this runs the parity check once")
     return export.to_onnx(name, fmt, with_localization=True).dir
 
@@ -145,8 +143,6 @@ class TorchRuntime:
     """``zoo.load``'s net through ``ExportGraph`` (the module the ONNX file is traced from)."""
 
     def __init__(self, net: torch.nn.Module, input_size: int):
-        from export.graph import ExportError, ExportGraph, localization_output, merge_adapters
-
         net = merge_adapters(net).eval()
         try:
             localization_output(net)
@@ -212,8 +208,8 @@ class ServedModel:
         return {"name": e.name, "version": self.version, "built": self.built, "backend": self.runtime.name,
                 "precision": self.precision, "task": e.task, "labels": list(e.labels), "in_chans": e.in_chans,
                 "input_size": e.input_size,
-                "image_mode": "L" if e.in_chans == 1 else "RGB", "mean": per_channel(e.mean, e.in_chans),
-                "std": per_channel(e.std, e.in_chans), "resize": e.resize, "localization": self.map_kind,
+                "image_mode": "L" if e.in_chans == 1 else "RGB", "mean": list(e.preprocess.mean),
+                "std": list(e.preprocess.std), "resize": e.resize, "localization": self.map_kind,
                 "method": e.method, "arch": e.arch, "dataset": e.dataset, "teacher": e.teacher, "license": e.license}
 
     # --- per request (before batching)
@@ -245,7 +241,7 @@ class ServedModel:
         return {"model": e.name, "version": self.version, "built": self.built, "backend": self.runtime.name,
                 "task": e.task, "label": out.label, "labels": out.labels,
                 "probabilities": {lab: round(float(p), 6) for lab, p in zip(e.labels, out.probs)},
-                "threshold": DECISION_THRESHOLD if e.task in SIGMOID_TASKS else None}
+                "threshold": get_task(e.task).threshold}
 
     def target_index(self, label: str | None, out: Output) -> int:
         """The label whose map to show: the one asked for, else the prediction."""
@@ -310,8 +306,6 @@ def load_model(name: str, backend: str, threads: int = 0, precision: str = "fp32
     if backend == "torch":
         if precision != "fp32":
             raise ServingError(f"the torch backend serves fp32 only; use --backend onnx for {precision}")
-        from zoo.api import load
-
         torch.set_num_threads(threads)
         model = load(name)
         return ServedModel(model.entry, TorchRuntime(model.net, model.entry.input_size), model.info, "torch")
@@ -319,8 +313,6 @@ def load_model(name: str, backend: str, threads: int = 0, precision: str = "fp32
         raise ServingError(f"unknown backend {backend!r}; choose onnx or torch")
     folder = entry_folder(name)
     if not (folder / "config.json").is_file():
-        from zoo.api import NotBuiltError
-
         raise NotBuiltError(f"{name} is not built in {store.zoo_home()}; build it with `zoo build {name}`")
     problem = bundle_problem(folder, precision)
     if problem:
@@ -336,8 +328,9 @@ def load_model(name: str, backend: str, threads: int = 0, precision: str = "fp32
 
 def _check_spec(e: ZooEntry, spec: dict[str, Any], d: Path) -> None:
     """``preprocess.json`` must describe the entry's own preprocessing (it is written from it)."""
-    want = {"in_chans": e.in_chans, "input_size": e.input_size, "mean": per_channel(e.mean, e.in_chans),
-            "std": per_channel(e.std, e.in_chans), "resize": e.resize, "task": e.task, "labels": list(e.labels)}
+    p = e.preprocess
+    want = {"in_chans": e.in_chans, "input_size": e.input_size, "mean": list(p.mean), "std": list(p.std),
+            "resize": e.resize, "task": e.task, "labels": list(e.labels)}
     diff = sorted(k for k, v in want.items() if spec.get(k) != v)
     if diff:
         raise ServingError(f"{d / 'preprocess.json'} disagrees with the entry on {', '.join(diff)}; re-export it")

@@ -9,11 +9,14 @@ directly: ``bentoml serve serving.service:ZooService --arg models=NAME``. Endpoi
   region as a box, and a PNG overlay (:class:`serving.schemas.LocalizeResponse`).
 - ``GET /models``: the served models (name, version, task, labels, preprocessing) and load status.
 - BentoML's ``/livez``, ``/readyz`` (200 only once every model is loaded and warmed up),
-  ``/metrics`` (Prometheus: BentoML's request metrics and ``medzoo_*`` batch metrics), ``/docs.json``
-  (OpenAPI, with the query parameters and ``GET /models`` added) and the Swagger UI at ``/``.
+  ``/metrics`` (Prometheus: BentoML's request metrics, labelled by route, and ``medzoo_*`` batch
+  metrics), ``/docs.json`` (OpenAPI, with the query parameters and ``GET /models`` added) and the
+  Swagger UI at ``/``, from BentoML's bundled assets only (BentoML's own page loads an analytics script).
 
-Every refusal is a JSON ``{"error": "..."}`` with a 4xx status (503 while loading or overloaded);
-the checks are in :mod:`serving.inputs` and :class:`RequestGuard`.
+Every refusal is a JSON ``{"error": "..."}`` with a 4xx status (503 while loading or overloaded),
+and so is every other error answer (:class:`serving.traffic.JsonErrors`); the checks are in
+:mod:`serving.inputs` and :class:`RequestGuard`. Large uploads are decoded no larger than the model
+and its overlay need, within a budget of decoded pixels in flight (``max_pixels_in_flight``).
 """
 
 from __future__ import annotations
@@ -30,21 +33,24 @@ from bentoml.validators import ContentType
 from pydantic import TypeAdapter
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from serving import traffic
 from serving.config import ServeConfig
 from serving.inputs import RequestError, open_upload
-from serving.localization import DEFAULT_THRESHOLD
+from serving.localization import DEFAULT_THRESHOLD, OVERLAY_MAX_SIDE
 from serving.schemas import ClassifyResponse, ErrorResponse, LocalizeResponse
 
 log = logging.getLogger("bentoml.serve.medzoo")  # under BentoML's logger, so the worker's log shows it
 
 API_PATHS = ("/classify", "/localize")
-# Uploads above this many pixels are decoded and resized in a thread, so the event loop keeps serving.
+# Uploads above this many pixels are decoded and resized in a thread, so the event loop keeps serving,
+# and hold their pixels in the service's PixelBudget meanwhile.
 INLINE_PIXELS = 256 * 256
 RETRY_AFTER_S = "1"
+# Memory goes back to the system this long after the last large decode of a burst (not per request).
+RELEASE_AFTER_S = 0.5
 
 # Read at import, because BentoML takes its logging settings from the decorator; everything else is
 # read in the worker from the same bento arguments (ServeConfig).
@@ -181,11 +187,57 @@ REFUSALS = {
     413: "body above the upload limit, or image above the pixel limit",
     415: "not PNG, JPEG or .npy (sniffed from the bytes), or a 16-bit image",
     422: "a .npy array of the wrong shape, dtype or range; a bad label or threshold",
-    503: "models still loading, or the batcher predicts the request would miss its max latency",
+    503: "models still loading, the batcher predicts the request would miss its max latency, or large "
+         "images in flight fill the decoded-pixel budget (retry after Retry-After)",
 }
 
+# The Swagger UI from the assets BentoML bundles (its /static_content/ mount), without what its own page
+# at / adds: a Google Tag Manager script and iframe. The validator badge is off too (Swagger UI would
+# send the document to validator.swagger.io), and the Content-Security-Policy keeps the page on this host.
+DOCS_PAGE = """<!DOCTYPE html>
+<html lang="en">
+  <head>
+    <meta charset="UTF-8">
+    <title>medzoo: MedMNIST models over HTTP</title>
+    <link rel="stylesheet" type="text/css" href="./static_content/swagger-ui.css">
+    <link rel="stylesheet" type="text/css" href="./static_content/index.css">
+  </head>
+  <body>
+    <div id="swagger-ui"><p>The API: its OpenAPI document, <a href="./docs.json">/docs.json</a>.</p></div>
+    <script src="./static_content/swagger-ui-bundle.js" charset="UTF-8"></script>
+    <script src="./static_content/swagger-ui-standalone-preset.js" charset="UTF-8"></script>
+    <script src="./docs-init.js" charset="UTF-8"></script>
+  </body>
+</html>
+"""
+DOCS_INIT = """window.onload = function () {
+  window.ui = SwaggerUIBundle({
+    url: "./docs.json",
+    dom_id: "#swagger-ui",
+    deepLinking: true,
+    validatorUrl: null,
+    presets: [SwaggerUIBundle.presets.apis, SwaggerUIStandalonePreset],
+    plugins: [SwaggerUIBundle.plugins.DownloadUrl],
+    layout: "StandaloneLayout",
+  });
+};
+"""
+DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-eval'; style-src 'self' 'unsafe-inline'; "
+            "img-src 'self' data:; connect-src 'self'; frame-ancestors 'self'")
+
+
+async def _docs_page(request: Request) -> Response:
+    return Response(DOCS_PAGE, media_type="text/html", headers={"Content-Security-Policy": DOCS_CSP})
+
+
+async def _docs_init(request: Request) -> Response:
+    return Response(DOCS_INIT, media_type="text/javascript")
+
+
 _extra_routes = Starlette(routes=[Route("/models", _list_models, methods=["GET"]),
-                                  Route("/docs.json", _openapi, methods=["GET"])])
+                                  Route("/docs.json", _openapi, methods=["GET"]),
+                                  Route("/", _docs_page, methods=["GET"]),
+                                  Route("/docs-init.js", _docs_init, methods=["GET"])])
 
 
 # ----------------------------------------------------------------------------------------- metrics
@@ -229,6 +281,9 @@ class ZooService:
         self.status, self.load_error = "loading", None
         self.metrics = _metrics()
         self._loader: asyncio.Task | None = None
+        self.pixels = traffic.PixelBudget(self.config.max_pixels_in_flight, on_idle=self._after_burst)
+        self._release: asyncio.Task | None = None
+        traffic.tune_malloc()
 
     # --- start-up: load in the background so /livez answers at once and /readyz says when it is done
 
@@ -268,6 +323,16 @@ class ZooService:
         for b in self.batchers.values():
             b.shutdown()
 
+    def _after_burst(self) -> None:
+        """The last large upload in flight is decoded: hand memory back soon (once, however many follow)."""
+        if self._release is None or self._release.done():
+            self._release = asyncio.get_running_loop().create_task(self._release_memory())
+
+    async def _release_memory(self) -> None:
+        await asyncio.sleep(RELEASE_AFTER_S)
+        if self.pixels.used == 0:  # still idle; otherwise the next idle moment schedules it again
+            await anyio.to_thread.run_sync(traffic.release_memory)
+
     def _observe(self, model: str, n: int, seconds: float) -> None:
         self.metrics["batch_size"].labels(model).observe(n)
         self.metrics["batch_seconds"].labels(model).observe(seconds)
@@ -278,6 +343,7 @@ class ZooService:
         return {"status": self.status, "error": self.load_error, "backend": cfg.backend,
                 "precision": cfg.precision, "models": [m.describe() for m in self.models.values()],
                 "limits": {"max_upload_bytes": cfg.max_upload_bytes, "max_pixels": cfg.max_pixels,
+                           "max_pixels_in_flight": cfg.max_pixels_in_flight,
                            "max_batch_size": cfg.max_batch_size, "max_latency_ms": cfg.max_latency_ms}}
 
     # --- endpoints
@@ -308,11 +374,17 @@ class ZooService:
 
     async def _predict(self, body: bytes, ctx: bentoml.Context):
         model = self._pick(ctx.request.query_params.get("model"))
-        upload = open_upload(body, self.config.max_pixels)
-        if upload.pixels <= INLINE_PIXELS:
+        # Large images are decoded no larger than the model input and the overlay (long side 512) need.
+        upload = open_upload(body, self.config.max_pixels, max(model.entry.input_size, OVERLAY_MAX_SIDE))
+        if upload.decode_pixels <= INLINE_PIXELS:
             prep = model.prepare(upload.load())
         else:
-            prep = await anyio.to_thread.run_sync(lambda: model.prepare(upload.load()))
+            try:
+                async with self.pixels.hold(upload.decode_pixels, self.config.max_latency_ms / 1000):
+                    prep = await anyio.to_thread.run_sync(lambda: model.prepare(upload.load()))
+            except traffic.PixelBudget.Busy as e:
+                raise RequestError(503, f"the server is decoding other large images ({e}); retry shortly, or "
+                                   "send the image resized to the model's input size") from None
         return model, prep, await self.batchers[model.name](prep.x)
 
     def _pick(self, name: str | None):
@@ -386,6 +458,9 @@ def _fixed_input_schema(service) -> None:
         spec.model_validate_json = classmethod(lambda cls, data, **kw: cls.model_validate(data, **kw))
 
 
+ZooService.add_asgi_middleware(traffic.JsonErrors)  # outside RequestGuard: every error answer is JSON
 ZooService.add_asgi_middleware(RequestGuard)
 _fixed_input_schema(ZooService)
-traffic.install()  # BentoML's request timeout, without one live timer per request (serving/traffic.py)
+# BentoML's request timeout without one live timer per request, its metrics labelled by route, and the
+# framework's own error answers in JSON (serving/traffic.py)
+traffic.install()

@@ -166,7 +166,7 @@ def tiny_overrides(method: str, flag: str, out: Path | None = None, *extra: str)
 @pytest.fixture(scope="session")
 def tiny_runs(session_env, tmp_path_factory) -> dict[str, Path]:
     """One ``zoo train`` run folder per task type (baseline resnet-test, 2 epochs), built once."""
-    from training.build import train_config
+    from training.entries import train_config
 
     out = tmp_path_factory.mktemp("runs")
     return {task: train_config("medalmighty/default.yaml", tiny_overrides("baseline", flag, out), progress=False)

@@ -110,23 +110,24 @@ def test_predict_image_files(tmp_path, built_resnet18_breast, medmnist_root):
     assert all(abs(sum(row["probs"]) - 1) < 1e-5 for row in rows)
 
 
-# --- errors: exit status 2 and one line `zoo: error: ...` on stderr ---------------------------------
+# --- errors: one line `zoo: error: ...` on stderr; exit status 2 for usage errors, 1 for runtime ones --
 
 ERRORS = {
-    "unknown model": (["eval", "baseline-resnet18-breastmnst"], "Closest: baseline-resnet18-breastmnist"),
-    "unbuilt entry": (["eval", "baseline-resnet50-octmnist"], "`zoo build baseline-resnet50-octmnist`"),
+    "unknown model": (["eval", "baseline-resnet18-breastmnst"], "Closest: baseline-resnet18-breastmnist", 2),
+    "unbuilt entry": (["eval", "baseline-resnet50-octmnist"], "`zoo build baseline-resnet50-octmnist`", 1),
     "unknown config key": (["build", "baseline-resnet18-breastmnist", "train.epohcs=1"],
-                           "'train.epohcs'.*did you mean train.epochs"),
+                           "'train.epohcs'.*did you mean train.epochs", 2),
     "missing dataset file": (["build", "baseline-resnet18-breastmnist", "data.download=false", "--quiet"],
-                             "MedMNIST file not found: .*nodata/breastmnist.npz.*MEDMNIST_ROOT"),
-    "corrupted weights": (["eval", "baseline-resnet18-breastmnist"], "sha256 mismatch"),
+                             "MedMNIST file not found: .*nodata/breastmnist.npz.*MEDMNIST_ROOT", 1),
+    "corrupted weights": (["eval", "baseline-resnet18-breastmnist"], "sha256 mismatch", 1),
 }
 IN_PROCESS_ERRORS = {
-    "malformed override": (["build", "baseline-resnet18-breastmnist", "train.epochs"], "not of the form key=value"),
-    "missing image file": (["predict", "baseline-resnet18-breastmnist", "nope.png"], "cannot read nope.png"),
-    "bad train config": (["train", "nope.yaml"], "config file not found: nope.yaml"),
+    "malformed override": (["build", "baseline-resnet18-breastmnist", "train.epochs"], "not of the form key=value",
+                           2),
+    "missing image file": (["predict", "baseline-resnet18-breastmnist", "nope.png"], "cannot read nope.png", 1),
+    "bad train config": (["train", "nope.yaml"], "config file not found: nope.yaml", 2),
     "wrong pinned arch": (["build", "baseline-resnet18-breastmnist", "model.arch=resnet50"],
-                          "is a resnet18 entry; an override set arch to resnet50"),
+                          "is a resnet18 entry; an override set arch to resnet50", 2),
 }
 
 
@@ -138,14 +139,14 @@ def _check_error(stderr: str, pattern: str) -> None:
 
 @pytest.mark.parametrize("case", list(ERRORS))
 def test_errors_subprocess(case, built_resnet18_breast, tmp_path):
-    args, pattern = ERRORS[case]
+    args, pattern, status = ERRORS[case]
     env = _env()
     if case == "corrupted weights":
         flip_byte(install(built_resnet18_breast) / "model.safetensors")
     if case == "missing dataset file":
         env["MEDMNIST_ROOT"] = str(tmp_path / "nodata")
     r = run_cli(*args, env=env)
-    assert r.returncode == 2, r.stderr
+    assert r.returncode == status, r.stderr
     _check_error(r.stderr, pattern)
     assert not any(p.name.startswith(".") for p in (tmp_path / "zoo_home").glob("*"))  # nothing half-built
 
@@ -153,8 +154,8 @@ def test_errors_subprocess(case, built_resnet18_breast, tmp_path):
 @pytest.mark.parametrize("case", list(IN_PROCESS_ERRORS))
 def test_errors_in_process(case, built_resnet18_breast, capsys):
     install(built_resnet18_breast)
-    args, pattern = IN_PROCESS_ERRORS[case]
-    assert main(args) == 2
+    args, pattern, status = IN_PROCESS_ERRORS[case]
+    assert main(args) == status
     _check_error(capsys.readouterr().err, pattern)
 
 
@@ -166,7 +167,9 @@ def test_usage_errors_are_argparse_status_2(capsys):
 
 def test_train_command_writes_a_run_folder(tmp_path, capsys):
     out = tmp_path / "runs"
-    rc = main(["train", "medalmighty/demo.yaml", "model.arch=resnet-test", "train.epochs=1", "train.amp=none",
+    # demo.yaml holds only the schedule now (the method is an entry's business): name it here
+    rc = main(["train", "medalmighty/demo.yaml", "method=baseline", "model.arch=resnet-test", "train.epochs=1",
+               "train.amp=none",
                "train.channels_last=false", f"output_dir={out}", "data.download=false", "--quiet"])
     assert rc == 0
     stdout = capsys.readouterr().out

@@ -9,18 +9,26 @@ the closest valid keys, so a typo never trains silently with a default value.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import os
+import sys
+import types
+import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
 
-CONFIG_DIR = Path(os.environ.get("ZOO_CONFIG_DIR", Path(__file__).resolve().parents[1] / "configs"))
+from zoo.errors import UsageError
+
+# Shipped with the package (package data), so an installed wheel finds its recipes.
+CONFIG_DIR = Path(os.environ.get("ZOO_CONFIG_DIR", Path(__file__).resolve().parent / "configs"))
+LEGACY_PREFIX = "configs/"  # configs lived at the repository's top level before they became package data
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A config file or override that cannot be applied; the message says what to change."""
 
 
@@ -138,13 +146,18 @@ def family_of(path: Path, data: Mapping[str, Any]) -> str:
 
 
 def resolve_config_path(path: str | Path) -> Path:
-    """A config named by path, or relative to ``configs/`` (``medalmighty/fast.yaml``)."""
+    """A config named by path, or relative to the shipped configs (``medalmighty/cpu-fast.yaml``)."""
     p = Path(path)
     if p.is_file():
         return p
     q = CONFIG_DIR / p
     if q.is_file():
         return q
+    rel = p.as_posix()
+    if rel.startswith(LEGACY_PREFIX) and (CONFIG_DIR / rel[len(LEGACY_PREFIX):]).is_file():
+        print(f"zoo: note: {rel} is now shipped with the package; name it {rel[len(LEGACY_PREFIX):]}",
+              file=sys.stderr)
+        return CONFIG_DIR / rel[len(LEGACY_PREFIX):]
     raise ConfigError(f"config file not found: {path} (looked in the working directory and {CONFIG_DIR})")
 
 
@@ -177,3 +190,135 @@ def load_config(
 
 def dump_config(cfg: Mapping[str, Any]) -> str:
     return yaml.safe_dump(dict(cfg), sort_keys=False)
+
+
+def explicit_values(files: Iterable[str | Path] = (), overrides: Iterable[str] = ()) -> dict[str, Any]:
+    """What override files and ``key=value`` strings set, as ``{dotted key: value}`` (later ones win).
+
+    A build compares these with its entry's pins: a value the user asked for that contradicts the
+    entry is refused, while recipe defaults that differ from a pin are simply replaced by it.
+    """
+    out: dict[str, Any] = {}
+
+    def flatten(d: Mapping[str, Any], prefix: str = "") -> None:
+        for k, v in d.items():
+            if isinstance(v, Mapping):
+                flatten(v, prefix + k + ".")
+            else:
+                out[prefix + k] = v
+
+    for f in files:
+        data = _read_yaml(resolve_config_path(f))
+        data.pop("recipe", None)
+        flatten(data)
+    flatten(parse_overrides(overrides))
+    return out
+
+
+def set_value(cfg: dict[str, Any], key: str, value: Any) -> None:
+    """Set a dotted key in a resolved config (the key must exist, as in :func:`merge`)."""
+    *parents, leaf = key.split(".")
+    node = cfg
+    for p in parents:
+        node = node[p]
+    if leaf not in node:
+        raise ConfigError(f"unknown config key {key!r}")
+    node[leaf] = copy.deepcopy(value)
+
+
+def get_value(cfg: Mapping[str, Any], key: str) -> Any:
+    node: Any = cfg
+    for p in key.split("."):
+        node = node[p]
+    return node
+
+
+# ----------------------------------------------------------------------------------------- typed sections
+
+T = TypeVar("T")
+
+
+def check(condition: bool, key: str, message: str) -> None:
+    """A range check of a typed section: ``ConfigError("<key> <message>")`` when ``condition`` fails."""
+    if not condition:
+        raise ConfigError(f"{key} {message}")
+
+
+def typed(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
+    """A frozen config dataclass from a resolved config section, every value checked against its type.
+
+    Types are read from the dataclass annotations: ``int`` (a whole number, not a bool), ``float``
+    (any number, not a bool), ``bool`` (``true``/``false`` only), ``str``, ``Literal[...]`` (one of
+    its values), ``X | None``, ``tuple[X, ...]`` / ``list[X]`` and nested dataclasses. Keys must match
+    the dataclass fields exactly, so a section and its YAML cannot drift apart silently. Range checks
+    live in the dataclasses' ``__post_init__`` (with :func:`check`). Errors are one-line
+    :class:`ConfigError` messages naming the dotted key and the value.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config key {prefix.rstrip('.') or 'config'!r} must be a section (key: value lines), "
+                          f"got {data!r}")
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    extra = sorted(set(data) - set(names))
+    missing = [n for n in names if n not in data]
+    if extra or missing:
+        raise ConfigError(f"config section {prefix.rstrip('.') or '<top>'!r} does not match {cls.__name__}: "
+                          f"unexpected {extra}, missing {missing}")
+    kw = {n: _coerce_typed(hints[n], data[n], prefix + n) for n in names}
+    return cls(**kw)
+
+
+def _coerce_typed(tp: Any, v: Any, key: str) -> Any:
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return typed(tp, v, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if v is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce_typed(a, v, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key} has an invalid value {v!r}")
+    if origin is Literal:
+        choices = get_args(tp)
+        if v not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}, got {v!r}")
+        return v
+    if origin in (tuple, list):
+        args = get_args(tp)
+        if not isinstance(v, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {v!r}")
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(v) != len(args):
+                raise ConfigError(f"{key} must be a list of {len(args)} values, got {v!r}")
+            return tuple(_coerce_typed(a, x, f"{key}[{i}]") for i, (a, x) in enumerate(zip(args, v)))
+        item = args[0] if args else Any
+        out = [_coerce_typed(item, x, f"{key}[{i}]") for i, x in enumerate(v)]
+        return tuple(out) if origin is tuple else out
+    if tp is Any:
+        return v
+    if tp is bool:
+        if not isinstance(v, bool):
+            raise ConfigError(f"{key} must be true or false, got {v!r}")
+        return v
+    if tp is int:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not v.is_integer()):
+            raise ConfigError(f"{key} must be a whole number, got {v!r}")
+        return int(v)
+    if tp is float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {v!r}")
+        if v != v:  # NaN
+            raise ConfigError(f"{key} must be a number, got NaN")
+        return float(v)
+    if tp is str:
+        if not isinstance(v, str):
+            raise ConfigError(f"{key} must be a string, got {v!r}")
+        return v
+    raise TypeError(f"typed(): unsupported annotation {tp!r} for {key}")

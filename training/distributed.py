@@ -507,6 +507,15 @@ def wrap(env: DistEnv, module: nn.Module, make_optimizer: Callable[[Iterable[Any
     return DeepSpeedRunner(module, make_optimizer(param_groups(module)), env, stage)
 
 
+def from_main(value: Any, env: DistEnv) -> Any:
+    """The main process's ``value`` on every process; it also waits for the main process to get here."""
+    if env.world == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier(env: DistEnv) -> None:
     if env.world > 1 and dist.is_initialized():
         dist.barrier()

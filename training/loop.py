@@ -1,7 +1,16 @@
-"""The training loop: steps, schedule, mixed precision, validation, best-AUC selection. Nothing else.
+"""The training loop every recipe shares: steps, schedules, the optimizer update, logging, checkpoints.
 
-Data are in-memory tensors (uint8 images or cached features); ``prep`` turns a batch into model
-input. The checkpoint kept is the one with the best validation AUC; test data never steer it.
+A recipe's *task* owns its models, data and losses (DINOv2's meta-architecture): ``forward(step)``
+returns a dict of losses with ``"loss"`` the one to minimise, and two hooks run around the optimizer
+step (DINO-MX freezes its prototypes before it and updates its EMA teacher after it). The loop knows
+nothing about what is trained: it sets the lr/weight-decay of the step, back-propagates through the
+:mod:`training.distributed` runner, clips, steps, logs, and asks the checkpointer to save::
+
+    loop = Loop(runner, lr=schedule, env=env)
+    state = loop.run(task, LoopState(), on_step=...)
+
+:func:`fit` is the supervised recipe (students, probes) on this loop: epochs over in-memory data,
+validation each epoch, the weights with the best validation AUC kept.
 """
 
 from __future__ import annotations
@@ -10,9 +19,9 @@ import copy
 import math
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -20,7 +29,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from training import distributed as D
-from training.losses import MedAlmightyLoss
+from training.schedules import lr_factors
 from zoo.data import Preprocess, iterate_batches, preprocess
 from zoo.inference import logits_to_probs, predict_logits
 from zoo.metrics import compute_metrics
@@ -40,7 +49,7 @@ def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     if setting == "bf16":
         return torch.bfloat16
     if setting != "auto":
-        raise ValueError(f"train.amp must be none, bf16 or auto, got {setting!r}")
+        raise ValueError(f"amp must be none, bf16 or auto, got {setting!r}")
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     return torch.bfloat16 if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else None
@@ -54,39 +63,118 @@ def _cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def make_optimizer(params, cfg: dict[str, Any]) -> torch.optim.Optimizer:
-    name, lr, wd = cfg["optimizer"], float(cfg["lr"]), float(cfg["weight_decay"])
+def make_optimizer(params, name: str, lr: float, weight_decay: float = 0.0, momentum: float = 0.9
+                   ) -> torch.optim.Optimizer:
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=float(cfg.get("momentum", 0.9)))
-    raise ValueError(f"train.optimizer must be adam, adamw or sgd, got {name!r}")
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=momentum)
+    raise ValueError(f"optimizer must be adam, adamw or sgd, got {name!r}")
 
 
-def lr_factor(cfg: dict[str, Any], steps_per_epoch: int) -> Callable[[int], float]:
-    """Per-step lr multiplier for ``multistep`` (epoch milestones), ``cosine`` (+ warm-up), ``constant``."""
-    epochs = int(cfg["epochs"])
-    total = max(1, epochs * steps_per_epoch)
-    warm = int(float(cfg.get("warmup_epochs", 0)) * steps_per_epoch)
-    kind = cfg["schedule"]
-    if kind == "multistep":
-        # Half-up rounding: 5 epochs with milestone 0.5 drop after epoch 3 (Python's round() would say 2).
-        marks = [math.floor(m * epochs + 0.5) * steps_per_epoch for m in cfg.get("milestones", (0.5, 0.75))]
-        gamma = float(cfg.get("gamma", 0.1))
-        return lambda step: gamma ** sum(step >= m for m in marks)
-    if kind == "cosine":
+# ----------------------------------------------------------------------------------------- the loop
 
-        def f(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
-        return f
-    if kind == "constant":
-        return lambda step: 1.0
-    raise ValueError(f"train.schedule must be multistep, cosine or constant, got {kind!r}")
+class Task(Protocol):
+    """What the loop trains (see the module doc)."""
+
+    def forward(self, step: int) -> dict[str, torch.Tensor]: ...
+
+    def before_update(self, step: int) -> None: ...
+
+    def after_update(self, step: int) -> None: ...
+
+
+@dataclass
+class LoopState:
+    """Where a run stands; checkpoints hold it (with the task's and optimizer's state)."""
+
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    images_seen: int = 0
+
+
+class Loop:
+    """Steps with per-step schedules (see the module doc).
+
+    Args:
+        runner: the :mod:`training.distributed` runner around the trained module.
+        lr: the lr of every step; each parameter group gets ``lr[step] * group["lr_scale"]`` (1 if unset).
+        weight_decay: per-step weight decay of the groups with ``wd_on`` (others get 0); ``None``
+            leaves the optimizer's own.
+        clip_grad: max global gradient norm (0 = off).
+        env: the process's place in a multi-process run.
+    """
+
+    def __init__(self, runner: D.Runner, lr: np.ndarray, env: D.DistEnv, weight_decay: np.ndarray | None = None,
+                 clip_grad: float = 0.0):
+        self.runner, self.lr, self.wd, self.clip, self.env = runner, lr, weight_decay, clip_grad, env
+        self.total = len(lr)
+
+    def set_schedules(self, step: int) -> None:
+        for g in self.runner.optimizer.param_groups:
+            g["lr"] = float(self.lr[step]) * g.get("lr_scale", 1.0)
+            if self.wd is not None:
+                g["weight_decay"] = float(self.wd[step]) if g.get("wd_on", True) else 0.0
+
+    def run(self, task: Task, state: LoopState, *, images_per_step: int = 0, stop_after: int | None = None,
+            on_step: Callable[[int, dict[str, torch.Tensor], float], None] | None = None) -> LoopState:
+        """Train from ``state.step`` to the end (or to ``stop_after`` steps); returns the updated state.
+
+        ``on_step(steps_done, losses, grad_norm)`` runs after every update (logging, checkpoints, evaluation).
+        """
+        runner = self.runner
+        while state.step < self.total:
+            step = state.step
+            t0 = time.perf_counter()
+            self.set_schedules(step)
+            out = task.forward(step)
+            loss = out["loss"]
+            if not torch.isfinite(loss):
+                hint = getattr(task, "nonfinite_hint", "lower the learning rate")
+                raise FloatingPointError(f"the loss is {float(loss)} at step {step}; {hint}")
+            runner.zero_grad()
+            runner.backward(loss)
+            grad_norm = runner.clip_grad(self.clip)
+            task.before_update(step)
+            runner.step()
+            task.after_update(step)
+            state.seconds += time.perf_counter() - t0
+            state.images_seen += images_per_step
+            state.step += 1
+            if on_step is not None:
+                on_step(state.step, out, grad_norm)
+            if stop_after is not None and state.step >= stop_after:
+                break
+        return state
+
+
+# ----------------------------------------------------------------------------------------- supervised
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """What the supervised loop needs (a recipe's ``train`` section, or a probe's)."""
+
+    epochs: int
+    batch_size: int
+    optimizer: str
+    lr: float
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    schedule: str = "constant"
+    milestones: tuple[float, ...] = (0.5, 0.75)
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    min_steps: int = 0
+    amp: str = "none"
+    channels_last: bool = False
+    eval_batch_size: int = 256
+    log_test_every_epoch: bool = False
+    progress: bool = True
 
 
 @dataclass
@@ -115,14 +203,60 @@ def _agreed_auc(auc: float, env: D.DistEnv) -> float:
     return box[0]
 
 
+class SupervisedTask:
+    """Mini-batches of in-memory data through a classifier, with a :class:`~training.medalmighty.losses.MedAlmightyLoss`
+    (optionally against cached teacher logits). Each epoch's order is drawn from ``generator``."""
+
+    def __init__(self, runner: D.Runner, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module, batch_size: int,
+                 steps_per_epoch: int, generator: torch.Generator | None, env: D.DistEnv, prep: Preprocess | None,
+                 teacher_logits: torch.Tensor | None, channels_last: bool, dtype: torch.dtype | None):
+        self.runner, self.x, self.y, self.loss_fn = runner, x, y, loss_fn
+        self.bs, self.steps, self.gen, self.env, self.prep = batch_size, steps_per_epoch, generator, env, prep
+        self.teacher_logits, self.cl, self.dtype = teacher_logits, channels_last, dtype
+        self.batches: list[torch.Tensor] = []
+        self.sums = {"loss": 0.0, "task": 0.0, "kd": 0.0}
+
+    def forward(self, step: int) -> dict[str, torch.Tensor]:
+        if step % self.steps == 0:  # a new epoch: its order, drawn as a plain loop over the data would
+            self.batches = list(iterate_batches(self.x.shape[0], self.bs, shuffle=True, generator=self.gen))
+            self.sums = dict.fromkeys(self.sums, 0.0)
+        idx = self.batches[step % self.steps]
+        rows = len(idx)
+        env = self.env
+        if env.world > 1:  # this process's rows of the global batch (every process drew the same idx)
+            offset, size = env.split(rows)
+            idx = idx[offset:offset + size]
+        xb = preprocess(self.x[idx], self.prep) if self.prep is not None else self.x[idx].float()
+        xb = xb.to(env.device, non_blocking=True)
+        if self.cl:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(env.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            logits = self.runner.module(xb)
+        tl = self.teacher_logits[idx].to(env.device) if self.teacher_logits is not None else None
+        out = self.loss_fn(logits.float(), self.y[idx].to(env.device), tl)
+        for k in self.sums:  # epoch means of the loss terms, before any rescaling below
+            self.sums[k] += float(out[k].detach()) * len(idx)
+        if env.world > 1 and len(idx) * env.world != rows:
+            # Uneven split: weigh each process's mean by its share, so that the mean of the
+            # processes' gradients is the gradient of the global batch's mean loss.
+            out = {**out, "loss": out["loss"] * (len(idx) * env.world / rows)}
+        return out
+
+    def before_update(self, step: int) -> None:
+        pass
+
+    def after_update(self, step: int) -> None:
+        pass
+
+
 def fit(
     model: nn.Module,
     train: tuple[torch.Tensor, torch.Tensor],
     val: tuple[torch.Tensor, torch.Tensor],
     *,
     task: str,
-    cfg: dict[str, Any],
-    loss_fn: MedAlmightyLoss,
+    settings: FitSettings,
+    loss_fn: nn.Module,
     prep: Preprocess | None = None,
     teacher_logits: torch.Tensor | None = None,
     test: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -130,36 +264,35 @@ def fit(
     desc: str = "train",
     device: str | torch.device = "cpu",
     env: D.DistEnv | None = None,
-    distributed: Mapping[str, Any] | None = None,
+    zero_stage: int = 2,
 ) -> FitResult:
     """Train ``model`` on ``train = (inputs, labels)``; return it with its best-val-AUC weights.
 
     Args:
-        cfg: the ``train`` (or ``probe``) section of a recipe config.
+        settings: the loop's settings (a recipe's ``train`` section, or a probe's).
         prep: preprocessing applied per batch to uint8 images; ``None`` for feature tensors.
         teacher_logits: (N_train, K) cached teacher logits aligned with ``train``; ``None`` = no KD.
-        test: evaluated each epoch only when ``cfg["log_test_every_epoch"]`` (time-to-accuracy
+        test: evaluated each epoch only when ``settings.log_test_every_epoch`` (time-to-accuracy
             reports); never used for selection.
         env: the process's place in a multi-process run (:func:`training.distributed.init`); ``None``
             is one process on ``device``. With several processes each global batch (``batch_size``
             rows, drawn from ``generator`` alike everywhere) is split across them, and the result's
             model and history are complete on the main process.
-        distributed: the run's ``distributed`` config section (strategy options such as ``zero_stage``).
+        zero_stage: DeepSpeed's ZeRO stage when ``env.strategy`` is ``deepspeed``.
     """
+    s = settings
     env = env or D.DistEnv("none", 0, 1, 0, torch.device(device))
     device = env.device
     sharded = env.world > 1
     x, y = train
     n = x.shape[0]
-    bs = int(cfg["batch_size"])
+    bs = s.batch_size
     steps = math.ceil(n / bs)
     # A step budget for small datasets: 12 epochs of 546 images are too few updates to converge.
-    epochs_n = max(int(cfg["epochs"]), math.ceil(int(cfg.get("min_steps", 0)) / steps))
-    cfg = dict(cfg, epochs=epochs_n)
+    epochs_n = max(s.epochs, math.ceil(s.min_steps / steps))
     model.to(device).train()
     # FSDP and DeepSpeed flatten parameters into contiguous buffers (FSDP2 refuses channels-last ones).
-    cl = bool(cfg.get("channels_last", False)) and prep is not None and not (
-        sharded and env.strategy in ("fsdp", "deepspeed"))
+    cl = s.channels_last and prep is not None and not (sharded and env.strategy in ("fsdp", "deepspeed"))
     if cl:
         model.to(memory_format=torch.channels_last)
     if sharded and env.device.type == "cuda":
@@ -168,76 +301,56 @@ def fit(
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     # Sharding strategies change the module in place; the returned model is a plain copy.
     plain = copy.deepcopy(model) if sharded and env.strategy in ("fsdp", "deepspeed") else model
-    runner = D.wrap(env, model, lambda groups: make_optimizer(groups, cfg),
-                    lambda m: [p for p in m.parameters() if p.requires_grad], {"distributed": dict(distributed or {})})
-    opt = runner.optimizer
-    sched = torch.optim.lr_scheduler.LambdaLR(runner.torch_optimizer, lr_factor(cfg, steps))
-    dtype = amp_dtype(cfg.get("amp", "none"), device)
-    eval_bs = int(cfg.get("eval_batch_size", 256))
-    progress = bool(cfg.get("progress", True))
-
-    best_auc, best_epoch, best_state, best_val = -1.0, 0, None, {}
-    history: list[dict[str, Any]] = []
-    train_seconds = elapsed = 0.0
+    runner = D.wrap(env, model, lambda groups: make_optimizer(groups, s.optimizer, s.lr, s.weight_decay, s.momentum),
+                    lambda m: [p for p in m.parameters() if p.requires_grad],
+                    {"distributed": {"zero_stage": zero_stage}})
+    lr = s.lr * lr_factors(s.schedule, epochs_n, steps, s.milestones, s.gamma, s.warmup_epochs)
+    loop = Loop(runner, lr, env)
+    dtype = amp_dtype(s.amp, device)
     if sharded and 0 < n % bs < env.world:
         raise ValueError(f"the last batch of each epoch ({n % bs} of {n} images) cannot be split over {env.world} "
                          "processes; change train.batch_size")
-    show = progress and env.is_main
-    epochs = tqdm(range(1, epochs_n + 1), desc=desc, disable=not show, unit="ep")
-    for epoch in epochs:
-        t0 = time.perf_counter()
-        epoch_lr = opt.param_groups[0]["lr"]
-        sums = {"loss": 0.0, "task": 0.0, "kd": 0.0}
-        bar = tqdm(iterate_batches(n, bs, shuffle=True, generator=generator), total=steps, leave=False,
-                   desc=f"epoch {epoch}", disable=not show, unit="batch")
-        for idx in bar:
-            rows = len(idx)
-            if sharded:  # this process's rows of the global batch (every process drew the same idx)
-                offset, size = env.split(rows)
-                idx = idx[offset:offset + size]
-            xb = preprocess(x[idx], prep) if prep is not None else x[idx].float()
-            xb = xb.to(device, non_blocking=True)
-            if cl:
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                logits = runner.module(xb)
-            tl = teacher_logits[idx].to(device) if teacher_logits is not None else None
-            out = loss_fn(logits.float(), y[idx].to(device), tl)
-            loss = out["loss"]
-            if sharded and len(idx) * env.world != rows:
-                # Uneven split: weigh each process's mean by its share, so that the mean of the
-                # processes' gradients is the gradient of the global batch's mean loss.
-                loss = loss * (len(idx) * env.world / rows)
-            runner.zero_grad()
-            runner.backward(loss)
-            runner.step()
-            sched.step()
-            for k in sums:
-                sums[k] += float(out[k].detach()) * len(idx)
-            bar.set_postfix(loss=f"{float(out['loss'].detach()):.4f}")
-        if sharded:
-            sums = D.total(sums, env)  # over every process's rows
-        epoch_train_s = time.perf_counter() - t0
-        train_seconds += epoch_train_s
+    sup = SupervisedTask(runner, x, y, loss_fn, bs, steps, generator, env, prep, teacher_logits, cl, dtype)
+
+    best = {"auc": -1.0, "epoch": 0, "state": None, "val": {}}
+    history: list[dict[str, Any]] = []
+    show = s.progress and env.is_main
+    bar = tqdm(total=epochs_n, desc=desc, disable=not show, unit="ep")
+    clock = {"t0": time.perf_counter(), "train": 0.0, "elapsed": 0.0}
+
+    def end_of_step(done: int, out: dict[str, torch.Tensor], grad_norm: float) -> None:
+        if done % steps:
+            return
+        epoch = done // steps
+        sums = D.total(sup.sums, env) if sharded else sup.sums  # over every process's rows
+        epoch_train_s = time.perf_counter() - clock["t0"]
+        clock["train"] += epoch_train_s
         with torch.no_grad():  # every process validates (a forward is collective under sharded strategies)
-            val_m = compute_metrics(val[1].numpy(), _scores(model, val[0], prep, task, eval_bs), task)
+            val_m = compute_metrics(val[1].numpy(), _scores(model, val[0], prep, task, s.eval_batch_size), task)
         # Time-to-accuracy counts training and validation, not the optional test logging below.
-        elapsed += time.perf_counter() - t0
-        row = {"epoch": epoch, "lr": epoch_lr, **{k: v / n for k, v in sums.items()},
+        clock["elapsed"] += time.perf_counter() - clock["t0"]
+        row = {"epoch": epoch, "lr": float(lr[(epoch - 1) * steps]), **{k: v / n for k, v in sums.items()},
                "val_acc": val_m["acc"], "val_auc": val_m["auc"], "epoch_train_s": round(epoch_train_s, 3),
-               "elapsed_s": round(elapsed, 3)}
-        if test is not None and cfg.get("log_test_every_epoch", False):
+               "elapsed_s": round(clock["elapsed"], 3)}
+        if test is not None and s.log_test_every_epoch:
             with torch.no_grad():
-                test_m = compute_metrics(test[1].numpy(), _scores(model, test[0], prep, task, eval_bs), task)
+                test_m = compute_metrics(test[1].numpy(), _scores(model, test[0], prep, task, s.eval_batch_size),
+                                         task)
             row.update(test_acc=test_m["acc"], test_auc=test_m["auc"])
         history.append(row)
         auc = _agreed_auc(val_m["auc"], env)
-        if auc > best_auc:
-            best_auc, best_epoch, best_val = auc, epoch, val_m
-            best_state = copy.deepcopy(model.state_dict() if not sharded else runner.model_state())
-        epochs.set_postfix(loss=f"{row['loss']:.4f}", val_auc=f"{val_m['auc']:.4f}", val_acc=f"{val_m['acc']:.4f}",
-                           best=best_epoch)
-    if best_state is not None and (not sharded or env.is_main):
-        plain.load_state_dict(best_state)
+        if auc > best["auc"]:
+            best.update(auc=auc, epoch=epoch, val=val_m,
+                        state=copy.deepcopy(model.state_dict() if not sharded else runner.model_state()))
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", val_auc=f"{val_m['auc']:.4f}", val_acc=f"{val_m['acc']:.4f}",
+                        best=best["epoch"])
+        clock["t0"] = time.perf_counter()
+
+    loop.run(sup, LoopState(), on_step=end_of_step)
+    bar.close()
+    if best["state"] is not None and (not sharded or env.is_main):
+        plain.load_state_dict(best["state"])
     plain.to(memory_format=torch.contiguous_format).eval()
-    return FitResult(model=plain, best_epoch=best_epoch, best_val=best_val, history=history, seconds=train_seconds)
+    return FitResult(model=plain, best_epoch=best["epoch"], best_val=best["val"], history=history,
+                     seconds=clock["train"])

@@ -1,6 +1,6 @@
 """Published figures to compare against, read from the CSVs in ``$ANCHORS_DIR`` (never retyped).
 
-Default location: ``../shared/anchors`` beside the checkout.
+Default location: ``../shared/anchors`` beside the checkout (the demo, reports and benchmarks read them).
 """
 
 from __future__ import annotations

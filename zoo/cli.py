@@ -1,7 +1,11 @@
-"""The ``zoo`` command: list, info, build, train, eval, predict, export.
+"""The ``zoo`` command: list, info, build, train, eval, predict, export, pretrain, explain, serve, demo.
 
-Every command ends with a one-line summary; expected failures (bad names, configs, files) print a
-one-line ``zoo: error: ...`` that says what to do, and exit with status 2.
+Every command ends with a one-line summary; expected failures print a one-line ``zoo: error: ...``
+that says what to do: usage errors (bad arguments, unknown names, config keys or values) exit with
+status 2, failures while running (a missing file, corrupted weights, an entry not built yet) with 1.
+
+The parser is built from cheap modules only: each command imports what it runs (torch, the training
+and export layers) when it runs, so ``zoo --help`` and ``zoo list`` start fast.
 """
 
 from __future__ import annotations
@@ -11,17 +15,17 @@ import json
 import sys
 import time
 
-import numpy as np
-
-from training.config import ConfigError
-from zoo import store
+import zoo.store as store
+from zoo.errors import UsageError
 from zoo.registry import UnknownModelError
+
+USAGE_ERRORS = (UsageError, UnknownModelError)
 
 
 def _cmd_list(a) -> str:
-    from zoo.api import list_models
+    from zoo.registry import list_models
 
-    names = list_models(a.pattern)
+    names = list_models(a.pattern, variants=a.variants)
     built = 0
     for n in names:
         mark = store.is_built(n)
@@ -35,12 +39,15 @@ def _cmd_list(a) -> str:
 
 
 def _cmd_info(a) -> str:
-    from zoo.api import read_config
-    from zoo.registry import get_entry
+    from zoo.loading import read_config
+    from zoo.registry import get_entry, variants_of
 
     e = get_entry(a.name)
     for k, v in e.to_dict().items():
         print(f"{k:12s} {v}")
+    others = [n for n in variants_of(e.name) if n != e.name]
+    if others:
+        print(f"{'variants':12s} {', '.join(others)}")
     if store.is_built(e.name):
         d = store.entry_dir(e.name)
         m = json.loads((d / "metrics.json").read_text())
@@ -69,7 +76,7 @@ def _cmd_build(a) -> str:
 
 
 def _cmd_train(a) -> str:
-    from training.build import train_config
+    from training.entries import train_config
 
     t0 = time.perf_counter()
     d = train_config(a.config, a.overrides, progress=not a.quiet)
@@ -83,7 +90,9 @@ def _cmd_train(a) -> str:
 
 
 def _cmd_eval(a) -> str:
-    from zoo.api import evaluate, load
+    import numpy as np
+
+    from zoo.loading import evaluate, load
 
     r = evaluate(load(a.name), split=a.split)
     probs = r.pop("probs")
@@ -99,7 +108,7 @@ def _cmd_eval(a) -> str:
 def _cmd_predict(a) -> str:
     from PIL import Image, UnidentifiedImageError
 
-    from zoo.api import load
+    from zoo.loading import load
 
     model = load(a.name)
     images = []
@@ -121,7 +130,7 @@ def _cmd_export(a) -> str:
     if a.format == "tensorrt":
         kw["precision"] = a.precision or "fp16"
     elif a.precision is not None:
-        raise ValueError(f"--precision applies to --format tensorrt; {a.format} fixes its own precision")
+        raise UsageError(f"--precision applies to --format tensorrt; {a.format} fixes its own precision")
     r = export(a.name, a.format, out=a.out, **kw)
     acc, parity = r.receipt["accuracy"], r.receipt["parity"]
     print(f"files:   {r.dir}\nreceipt: {r.dir / 'export.json'}")
@@ -172,6 +181,8 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("list", help="list zoo models")
     s.add_argument("pattern", nargs="?", help="glob or substring, e.g. 'baseline-*' or pathmnist")
     s.add_argument("--built", action="store_true", help="only entries built in ZOO_HOME")
+    s.add_argument("--variants", action="store_true",
+                   help="also the tagged variants (other input sizes or teachers: <name>.<tag>)")
     s.set_defaults(fn=_cmd_list)
     s = sub.add_parser("info", help="show a zoo entry")
     s.add_argument("name")
@@ -184,7 +195,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(fn=_cmd_build)
     s = sub.add_parser("train", help="run a recipe config into a run folder")
-    s.add_argument("config", help="a YAML file (path, or relative to configs/)")
+    s.add_argument("config", help="a YAML file (a path, or a shipped config such as medalmighty/cpu-fast.yaml)")
     s.add_argument("overrides", nargs="*", help="key=value config overrides")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=_cmd_train)
@@ -219,17 +230,14 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
-    from zoo.api import NotBuiltError
-    from zoo.data import DatasetNotFoundError
-
-    expected = (ConfigError, UnknownModelError, NotBuiltError, DatasetNotFoundError, store.WeightsCorruptedError,
-                ValueError, FileNotFoundError, OSError)
+    # Failures a user can meet (their message says what to do): no traceback.
+    expected = (UsageError, UnknownModelError, store.WeightsCorruptedError, ValueError, OSError)
     try:
         summary = a.fn(a)
     except expected as e:
         msg = str(e).replace("\n", " ")
         print(f"zoo: error: {msg}", file=sys.stderr)
-        return 2
+        return 2 if isinstance(e, USAGE_ERRORS) or getattr(e, "exit_status", 1) == 2 else 1
     except KeyboardInterrupt:
         print("zoo: interrupted", file=sys.stderr)
         return 130

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-TASKS = ("binary-class", "multi-class", "multi-label, binary-class", "ordinal-regression")
+from zoo.tasks import get_task
+
 SIZES = (28, 64, 128, 224)
 SPLITS = ("train", "val", "test")
 
@@ -56,7 +57,7 @@ class DatasetInfo:
     @property
     def num_outputs(self) -> int:
         """Model outputs: one logit for binary tasks (BCE), one per label or class otherwise."""
-        return 1 if self.task == "binary-class" else len(self.labels)
+        return get_task(self.task).num_outputs(len(self.labels))
 
     def url(self, size: int = 28) -> str:
         return _info()[self.flag]["url" if size == 28 else f"url_{size}"]
@@ -185,7 +186,12 @@ def load_split(flag: str, split: str, size: int = 28, root=None, download: bool 
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Model-input preprocessing, read from a zoo entry: size, channels, mean/std."""
+    """Model-input preprocessing, read from a zoo entry: size, channels, per-channel mean/std, resize.
+
+    The one normalisation helper: a mean/std given once for all channels is expanded here to one
+    value per channel, so every consumer (training, ``predict``, export, serving) reads per-channel
+    values and nothing else re-derives them.
+    """
 
     input_size: int
     in_chans: int
@@ -193,8 +199,55 @@ class Preprocess:
     std: tuple[float, ...]
     resize: str = "bilinear"
 
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
+        object.__setattr__(self, "mean", tuple(float(v) for v in per_channel(self.mean, self.in_chans)))
+        object.__setattr__(self, "std", tuple(float(v) for v in per_channel(self.std, self.in_chans)))
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"std must be positive, got {list(self.std)}")
+
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return preprocess(images, self)
+
+    def to_dict(self) -> dict:
+        return {"input_size": self.input_size, "in_chans": self.in_chans, "mean": list(self.mean),
+                "std": list(self.std), "resize": self.resize}
+
+
+RESIZE_MODES = ("bilinear", "nearest")
+# ITU-R 601-2 luma, as Pillow's RGB -> "L" conversion (16-bit fixed point, rounded), the one RGB -> grey rule.
+_LUMA = (19595, 38470, 7471)
+
+
+def luma(x: torch.Tensor) -> torch.Tensor:
+    """RGB (N, 3, H, W) -> grey (N, 1, H, W) by ITU-R 601-2 luma, the formula of Pillow's ``convert("L")``.
+
+    uint8 input gives uint8, bit-identical to Pillow; float input gives the unrounded float luma.
+    """
+    if x.shape[1] != 3:
+        raise ValueError(f"luma takes RGB images (N, 3, H, W), got {x.shape[1]} channels")
+    if x.dtype == torch.uint8:
+        r, g, b = (x[:, i:i + 1].to(torch.int32) for i in range(3))
+        return ((r * _LUMA[0] + g * _LUMA[1] + b * _LUMA[2] + 0x8000) >> 16).to(torch.uint8)
+    w = torch.tensor([v / 65536 for v in _LUMA], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x * w).sum(dim=1, keepdim=True)
+
+
+def to_channels(x: torch.Tensor, c: int) -> torch.Tensor:
+    """The one channel policy: grey is replicated to ``c`` channels, RGB becomes grey by :func:`luma`.
+
+    Used where the conversion is asked for (a grey backbone pooled with RGB datasets); model input
+    (:func:`preprocess`) only ever replicates grey, since silently dropping colour would change what
+    the model sees.
+    """
+    if x.shape[1] == c:
+        return x
+    if x.shape[1] == 1:
+        return x.expand(-1, c, -1, -1).contiguous()
+    if c == 1 and x.shape[1] == 3:
+        return luma(x)
+    raise ValueError(f"cannot convert {x.shape[1]}-channel images to {c} channels")
 
 
 def preprocess(images: torch.Tensor, p: Preprocess) -> torch.Tensor:
@@ -206,8 +259,8 @@ def preprocess(images: torch.Tensor, p: Preprocess) -> torch.Tensor:
     x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
     c = x.shape[1]
     if c != p.in_chans:
-        if c == 1 and p.in_chans == 3:
-            x = x.expand(-1, 3, -1, -1)
+        if c == 1:
+            x = x.expand(-1, p.in_chans, -1, -1)
         else:
             raise ValueError(
                 f"model expects {p.in_chans}-channel images, got {c} channels; "
@@ -217,8 +270,8 @@ def preprocess(images: torch.Tensor, p: Preprocess) -> torch.Tensor:
         mode = p.resize
         kw = {"align_corners": False, "antialias": True} if mode == "bilinear" else {}
         x = F.interpolate(x, size=(p.input_size, p.input_size), mode=mode, **kw)
-    mean = torch.tensor(per_channel(p.mean, p.in_chans), dtype=x.dtype).view(1, -1, 1, 1)
-    std = torch.tensor(per_channel(p.std, p.in_chans), dtype=x.dtype).view(1, -1, 1, 1)
+    mean = torch.tensor(p.mean, dtype=x.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(p.std, dtype=x.dtype).view(1, -1, 1, 1)
     return (x - mean) / std
 
 

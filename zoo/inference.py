@@ -15,6 +15,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from zoo.data import Preprocess, preprocess
+from zoo.tasks import get_task
 
 EVAL_BATCH_SIZE = 256
 
@@ -30,13 +31,7 @@ def logits_to_probs(logits: torch.Tensor, task: str) -> torch.Tensor:
     Binary models have one logit (BCE); their probabilities are ``[1 - p, p]`` so column 1 is the
     positive class, as medmnist's evaluator reads it. Multi-label: one sigmoid per label.
     """
-    logits = logits.float()
-    if task == "binary-class":
-        p = torch.sigmoid(logits[:, :1])
-        return torch.cat([1 - p, p], dim=1)
-    if task == "multi-label, binary-class":
-        return torch.sigmoid(logits)
-    return torch.softmax(logits, dim=1)
+    return get_task(task).probs(logits)
 
 
 @torch.no_grad()
@@ -170,13 +165,11 @@ class Prediction:
 
 def make_prediction(probs: torch.Tensor, task: str, names: Sequence[str]) -> Prediction:
     p = probs.numpy().astype(np.float32)
-    if task == "binary-class":
-        idx = (p[:, 1] > 0.5).astype(np.int64)
-    else:
-        idx = p.argmax(axis=1)
+    t = get_task(task)
+    idx = t.decide(p)
     labels = [names[i] for i in idx]
-    if task == "multi-label, binary-class":
-        sets = [[names[j] for j in np.flatnonzero(row > 0.5)] for row in p]
+    if t.multilabel:
+        sets = [[names[j] for j in np.flatnonzero(row)] for row in t.positives(p)]
     else:
         sets = [[lab] for lab in labels]
     return Prediction(probs=p, labels=labels, label_sets=sets, indices=idx, task=task)

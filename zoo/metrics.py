@@ -16,6 +16,8 @@ import torch
 from torchmetrics.functional.classification import binary_stat_scores
 from torchmetrics.functional.classification.precision_recall_curve import _binary_clf_curve
 
+from zoo.tasks import get_task
+
 
 def _check(y_true: np.ndarray, y_score: np.ndarray, task: str) -> tuple[torch.Tensor, torch.Tensor]:
     y_true = np.asarray(y_true)
@@ -25,7 +27,7 @@ def _check(y_true: np.ndarray, y_score: np.ndarray, task: str) -> tuple[torch.Te
     if y_score.ndim == 1:
         y_score = y_score[:, None]
     y_true = y_true.reshape(len(y_true), -1)
-    if task in ("multi-class", "ordinal-regression") and y_true.shape[1] != 1:
+    if not get_task(task).sigmoid and y_true.shape[1] != 1:
         raise ValueError(f"{task} labels must be one integer per sample, got shape {y_true.shape}")
     return torch.from_numpy(y_true.astype(np.int64)), torch.from_numpy(y_score)
 
@@ -61,26 +63,24 @@ def compute_metrics(y_true: np.ndarray, y_score: np.ndarray, task: str) -> dict[
     >>> compute_metrics(np.array([[0], [1]]), np.array([[0.8, 0.2], [0.3, 0.7]]), "binary-class")
     {'acc': 1.0, 'auc': 1.0}
     """
+    t = get_task(task)
     y, s = _check(y_true, y_score, task)
     if not bool(torch.isfinite(s).all()):
         raise ValueError("scores contain NaN or infinity; check the model's outputs")
     if float(s.min()) < 0 or float(s.max()) > 1:
         raise ValueError("scores must be probabilities in [0, 1]; apply softmax/sigmoid first")
-    if task == "binary-class":
+    if t.binary:
         return {"acc": _acc(s[:, -1], y[:, 0]), "auc": _auc(s[:, -1], y[:, 0])}
-    if task == "multi-label, binary-class":
+    if t.multilabel:
         # Summed label by label, then divided, in medmnist's order, so the float result is the same.
         acc = auc = 0.0
         for i in range(y.shape[1]):
             acc += _acc(s[:, i], y[:, i])
             auc += _auc(s[:, i], y[:, i])
         return {"acc": acc / y.shape[1], "auc": auc / y.shape[1]}
-    if task in ("multi-class", "ordinal-regression"):
-        t = y[:, 0]
-        correct = int((s.argmax(dim=1) == t).sum())
-        auc = 0.0
-        for i in range(s.shape[1]):
-            auc += _auc(s[:, i], (t == i).long())
-        return {"acc": correct / len(t), "auc": auc / s.shape[1]}
-    raise ValueError(f"unknown task {task!r}; expected one of binary-class, multi-class, "
-                     "multi-label, binary-class, ordinal-regression")
+    target = y[:, 0]  # multi-class and ordinal: one class per image
+    correct = int((s.argmax(dim=1) == target).sum())
+    auc = 0.0
+    for i in range(s.shape[1]):
+        auc += _auc(s[:, i], (target == i).long())
+    return {"acc": correct / len(target), "auc": auc / s.shape[1]}

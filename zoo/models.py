@@ -1,22 +1,28 @@
-"""Students (timm CNNs), teachers (frozen transformers ViT backbones + linear head), one contract.
+"""Classifiers: students (timm CNNs) and linear probes (frozen ViT + linear head), under one contract.
 
-Every classifier here answers ``forward(x) -> logits``, ``forward_features(x)`` (feature map or
-tokens), ``forward_head(features) -> logits`` and ``embed(x) -> (B, D)``, so distillation, probing,
-export and localisation treat CNNs and ViTs alike.
+Both answer timm's methods, so distillation, probing, export and localization treat CNNs and ViTs
+alike::
+
+    forward(x)                              -> logits (B, K)
+    forward_features(x)                     -> feature map (B, F, h, w) (CNN) or tokens (B, T, D) (ViT)
+    forward_head(features, pre_logits=False) -> logits; with pre_logits=True the pooled embedding (B, E)
+    embed(x) = forward_head(forward_features(x), pre_logits=True)
+
+:func:`embed` gives the embedding of either kind; :class:`zoo.loading.ZooModel` exposes the same
+methods on what ``zoo.load`` returns. The localization map of either kind is computed in one
+place, :mod:`zoo.maps`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-from pathlib import Path
 
 import timm
 import torch
 import torch.nn as nn
 
-from zoo.registry import IMAGENET_MEAN, IMAGENET_STD, STUDENT_ARCHS, TEST_ARCHS
+from zoo.backbones import ViTBackbone
+from zoo.registry import STUDENT_ARCHS, TEST_ARCHS
 
 
 def _small_input_stem(model: nn.Module, in_chans: int) -> nn.Module:
@@ -48,96 +54,10 @@ def create_student(arch: str, num_outputs: int, in_chans: int = 3, small_stem: b
     return _small_input_stem(model, in_chans) if small_stem else model
 
 
-class HFBackbone(nn.Module):
-    """A transformers vision backbone (Dinov2, Dinov2 with registers, DINOv3 ViT, ViT, ...) as features.
-
-    ``forward`` returns pooled features (B, D): the CLS token, the mean of patch tokens (register
-    tokens skipped), or both concatenated (``cls+mean``, DINOv2's linear-eval protocol).
-    """
-
-    def __init__(self, model: nn.Module, pooling: str = "cls+mean"):
-        super().__init__()
-        if pooling not in ("cls", "mean", "cls+mean"):
-            raise ValueError(f"pooling must be cls, mean or cls+mean, got {pooling!r}")
-        self.model = model
-        self.pooling = pooling
-        cfg = model.config
-        self.num_register_tokens = int(getattr(cfg, "num_register_tokens", 0) or 0)
-        self.hidden_size = int(cfg.hidden_size)
-        self.in_chans = int(getattr(cfg, "num_channels", 3))
-        self.embed_dim = self.hidden_size * (2 if pooling == "cls+mean" else 1)
-
-    @classmethod
-    def from_pretrained(cls, source: str | os.PathLike, pooling: str = "cls+mean", revision: str | None = None):
-        """Load by hub id (``facebook/dinov2-base``) or local directory (``save_pretrained`` output)."""
-        from transformers import AutoModel
-
-        src = str(source)
-        local = Path(src).expanduser()
-        if local.exists() and not (local / "config.json").is_file():
-            raise FileNotFoundError(f"{local} has no config.json: not a transformers model directory")
-        try:
-            model = AutoModel.from_pretrained(
-                str(local) if local.exists() else src, revision=revision, attn_implementation="eager"
-            )
-        except OSError as e:
-            raise OSError(
-                f"cannot load teacher backbone {src!r}: {str(e).splitlines()[0]}. Pass a local directory "
-                "(teacher.backbone=/path/to/model) when the Hugging Face hub is unreachable."
-            ) from None
-        return cls(model.eval(), pooling)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> last hidden states (B, 1 + registers + patches, hidden)."""
-        return self.model(pixel_values=x).last_hidden_state
-
-    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
-        cls_tok = tokens[:, 0]
-        patches = tokens[:, 1 + self.num_register_tokens :]
-        if self.pooling == "cls":
-            return cls_tok
-        if self.pooling == "mean":
-            return patches.mean(dim=1)
-        return torch.cat([cls_tok, patches.mean(dim=1)], dim=-1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.forward_features(x))
-
-
-def backbone_normalisation(source: str | os.PathLike, in_chans: int | None = None
-                           ) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The backbone's own image mean/std (its ``preprocessor_config.json``), ImageNet's otherwise.
-
-    With ``in_chans=1`` and RGB statistics (ImageNet's, or a processor written for RGB), the
-    channel means are averaged: a grey image is the mean of its RGB channels.
-    """
-    mean, std = _normalisation(source)
-    if in_chans == 1 and len(mean) == 3:
-        return (sum(mean) / 3,), (sum(std) / 3,)
-    return mean, std
-
-
-def _normalisation(source: str | os.PathLike) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    p = Path(str(source)).expanduser() / "preprocessor_config.json"
-    if p.is_file():
-        cfg = json.loads(p.read_text())
-        if "image_mean" in cfg and "image_std" in cfg:
-            return tuple(cfg["image_mean"]), tuple(cfg["image_std"])
-    elif not Path(str(source)).expanduser().exists():
-        try:
-            from transformers import AutoImageProcessor
-
-            proc = AutoImageProcessor.from_pretrained(str(source))
-            return tuple(proc.image_mean), tuple(proc.image_std)
-        except Exception:  # no processor published: DINOv2/v3 use ImageNet statistics anyway
-            pass
-    return IMAGENET_MEAN, IMAGENET_STD
-
-
 class LinearClassifier(nn.Module):
-    """Frozen backbone + trainable linear head: the paper's "DINOv2 + linear" teacher."""
+    """Frozen ViT backbone + trainable linear head: the paper's "DINOv2 + linear" teacher."""
 
-    def __init__(self, backbone: HFBackbone, num_outputs: int):
+    def __init__(self, backbone: ViTBackbone, num_outputs: int):
         super().__init__()
         self.backbone = backbone
         self.head = nn.Linear(backbone.embed_dim, num_outputs)
@@ -147,14 +67,23 @@ class LinearClassifier(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone.forward_features(x)
 
-    def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone.pool(tokens))
+    def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        pooled = self.backbone.pool(tokens)
+        return pooled if pre_logits else self.head(pooled)
+
+    def get_classifier(self) -> nn.Linear:
+        return self.head
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
+
+
+def embed(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The pooled embedding (B, E) of a student or probe: its features before the classifier."""
+    return net.forward_head(net.forward_features(x), pre_logits=True)
 
 
 def state_dict_sha256(module: nn.Module) -> str:

@@ -120,19 +120,20 @@ def test_vit_probe_fp32_parity_with_attention(built_linear_breast, tmp_path):
     x = preprocess(test.images, model.entry.preprocess)
     logits, attn = run_plain_ort(tmp_path, r.path, x.numpy())
     assert np.abs(logits - predict_logits(model.net, test.images, model.entry.preprocess).numpy()).max() <= 1e-4
-    assert attn.shape == (len(test), 4, 4)  # 28 px / patch 7: the patch grid
+    assert attn.shape == (len(test), 32, 32)  # linear-* entries see 224 px; / patch 7: the patch grid
     assert np.allclose(attn.sum((1, 2)), 1.0, atol=0.2) and (attn >= 0).all()  # CLS's share of the patches
     with torch.no_grad():  # the head-averaged last-layer CLS attention, from transformers directly
         out = model.net.backbone.model(pixel_values=x[:4], output_attentions=True)
-    assert np.allclose(attn[:4], out.attentions[-1][:, :, 0, 1:].mean(1).reshape(4, 4, 4).numpy(), atol=1e-5)
+    assert np.allclose(attn[:4], out.attentions[-1][:, :, 0, 1:].mean(1).reshape(4, 32, 32).numpy(), atol=1e-5)
 
 
 def test_vit_with_registers_exports(tiny_registers_teacher_dir, tmp_path):
-    from zoo.models import HFBackbone, LinearClassifier
+    from zoo.backbones import ViTBackbone
+    from zoo.models import LinearClassifier
 
     e = get_entry("linear-dinov2-vits14-breastmnist")
     torch.manual_seed(0)
-    model = ZooModel(LinearClassifier(HFBackbone.from_pretrained(tiny_registers_teacher_dir), 1), e).eval()
+    model = ZooModel(LinearClassifier(ViTBackbone.from_pretrained(tiny_registers_teacher_dir), 1), e).eval()
     r = export.to_onnx(model, "onnx", out=tmp_path / "out", with_localization=True)
     assert r.receipt["parity"]["max_abs_logit_diff"] <= 1e-4
     assert r.receipt["outputs"] == ["logits", "attention"]
@@ -411,16 +412,17 @@ def test_cli_export_subprocess_and_errors(built_resnet18_breast, capsys):
                            "test acc ")
     assert "labels agree on" in last and BUNDLE <= {p.name for p in d.iterdir()}
 
-    bad = {
-        "unbuilt": (["export", "baseline-resnet50-pathmnist"], "zoo build baseline-resnet50-pathmnist"),
-        "format": (["export", "baseline-resnet18-breastmnist", "--format", "coreml"], "unknown export format 'coreml'"),
-        "opset": (["export", "baseline-resnet18-breastmnist", "--opset", "42"], "cannot export opset 42"),
-        "precision": (["export", "baseline-resnet18-breastmnist", "--precision", "fp16"], "--precision applies to"),
-        "tensorrt": (["export", "baseline-resnet18-breastmnist", "--format", "tensorrt"], "TensorRT engine here"),
+    bad = {  # exit status 2: bad arguments; 1: what they name cannot be exported here
+        "unbuilt": (["export", "baseline-resnet50-pathmnist"], "zoo build baseline-resnet50-pathmnist", 1),
+        "format": (["export", "baseline-resnet18-breastmnist", "--format", "coreml"], "unknown export format 'coreml'",
+                   2),
+        "opset": (["export", "baseline-resnet18-breastmnist", "--opset", "42"], "cannot export opset 42", 2),
+        "precision": (["export", "baseline-resnet18-breastmnist", "--precision", "fp16"], "--precision applies to", 2),
+        "tensorrt": (["export", "baseline-resnet18-breastmnist", "--format", "tensorrt"], "TensorRT engine here", 1),
     }
-    for why, (argv, msg) in bad.items():
+    for why, (argv, msg, status) in bad.items():
         if why == "tensorrt" and export.tensorrt_status()[0]:
             continue
-        assert main(argv) == 2, why
+        assert main(argv) == status, why
         err = capsys.readouterr().err
         assert err.startswith("zoo: error: ") and err.count("\n") == 1 and msg in err, (why, err)

@@ -3,6 +3,7 @@ numpy, Pillow and onnxruntime importable (``python -I -S``), as ``zoo.load(...).
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import subprocess
@@ -91,6 +92,68 @@ def test_runner_saves_maps_and_reports_errors(tiny_runs, tmp_path):
 
     r, _ = run_runner(bundle, tmp_path / "edge2", str(tmp_path / "missing.png"))
     assert r.returncode == 2 and r.stderr.startswith("runner: error: ")
+
+    # images the zoo refuses stop the runner too, with the zoo's message, in one line
+    for name, data in _refused_images().items():
+        if name not in ("16-bit grey png", "16-bit rgb png", "jpeg claiming 4000 x 4000"):
+            continue
+        path = tmp_path / f"{name.replace(' ', '_')}.img"
+        path.write_bytes(data)
+        r, _ = run_runner(bundle, tmp_path / "edge3", str(path))
+        assert r.returncode == 2 and r.stdout == "", name
+        assert r.stderr.splitlines()[0] == f"runner: error: {path}: {_zoo_refusal(data).message}", name
+
+
+@functools.cache
+def _refused_images() -> dict[str, bytes]:
+    """Images the one rule refuses: 16-bit (grey, and RGB, which Pillow opens as 8-bit), truncated or lying
+    JPEG data, damaged PNG and .npy, too many pixels."""
+    import io
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    def save(a, fmt: str) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format=fmt)
+        return buf.getvalue()
+
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (28, 28), dtype=np.uint8)
+    rgb16 = rng.integers(0, 65536, (8, 8, 3)).astype(">u2")
+    rows = b"".join(b"\x00" + rgb16[i].tobytes() for i in range(8))
+    png16_rgb = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 16, 2, 0, 0, 0))
+                 + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    j = save(rng.integers(0, 256, (8, 8), dtype=np.uint8), "JPEG")
+    i = j.index(b"\xff\xc0")
+    buf = io.BytesIO()
+    np.save(buf, grey)
+    return {"16-bit grey png": save(grey.astype(np.uint16) * 257, "PNG"), "16-bit rgb png": png16_rgb,
+            "jpeg claiming 4000 x 4000": j[:i + 5] + struct.pack(">HH", 4000, 4000) + j[i + 9:],
+            "cut jpeg": save(np.kron(grey, np.ones((4, 4), np.uint8)), "JPEG")[:-300],
+            "cut png": save(grey, "PNG")[:60], "gif": b"GIF89a" + bytes(64),
+            "npy without its closing brace": buf.getvalue().replace(b"}", b" ", 1),
+            "too many pixels": save(np.zeros((5000, 4000), np.uint8), "PNG")}
+
+
+def _zoo_refusal(data: bytes):
+    from zoo.images import ImageError, read_image
+
+    with pytest.raises(ImageError) as e:
+        read_image(data)
+    return e.value
+
+
+@pytest.mark.parametrize("name", list(_refused_images()))
+def test_runner_refuses_what_the_zoo_refuses_with_the_same_message(name):
+    """The runner repeats zoo/images.py's rule in its own code (it must stay one file): same status, same words."""
+    data = _refused_images()[name]
+    want = _zoo_refusal(data)
+    with pytest.raises(runner.ImageError) as got:
+        runner.read_image(data)
+    assert (got.value.status, got.value.message) == (want.status, want.message)
 
 
 @pytest.mark.parametrize(("size", "out"), [((64, 64), 28), ((28, 28), 64), ((50, 37), 28), ((28, 28), 28)])

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import io
+import re
 import time
 
 import numpy as np
 import pytest
-from PIL import Image
-from serve_helpers import jpeg, npy, png, zero_png
+from PIL import Image, ImageFile
+from serve_helpers import jpeg, lying_jpeg, mutations, npy, npy_without_brace, png, png16, seed_bodies, zero_png
 
 from serving.inputs import RequestError, decode, open_upload, sniff
 from serving.localization import Box, class_map, normalise, overlay_png, overlay_size, to_input_size, top_box
@@ -53,6 +54,81 @@ def test_corrupt_and_high_bit_depth_images():
     with pytest.raises(RequestError, match="16-bit") as e:
         decode(buf.getvalue(), 10**6)
     assert e.value.status == 415
+
+
+def test_npy_header_without_its_closing_brace_is_a_400():
+    """numpy's header parser raises tokenize.TokenError here, which once became a 500."""
+    with pytest.raises(RequestError) as e:
+        decode(npy_without_brace(np.zeros((28, 28), np.uint8)), 10**6)
+    assert e.value.status == 400 and "header is corrupt" in e.value.message
+
+
+def test_jpeg_whose_header_claims_more_pixels_than_its_data_is_a_400():
+    """4000 x 4000 in the frame header, 8 x 8 of data: libjpeg would fill the rest with grey."""
+    with pytest.raises(RequestError) as e:
+        decode(lying_jpeg(), 4096 * 4096)
+    assert e.value.status == 400 and "truncated" in e.value.message and "4000 x 4000" in e.value.message
+    ImageFile.LOAD_TRUNCATED_IMAGES = True  # as some library might set it, process-wide
+    try:
+        a = (np.arange(64 * 64) % 251).astype(np.uint8).reshape(64, 64)
+        assert _status(jpeg(a)[:-200]) == 400  # cut short: Pillow would pad it
+        assert _status(png(a)[:-30]) == 400
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def test_16_bit_rgb_png_is_refused_like_16_bit_grey():
+    """Pillow opens 16-bit RGB as 8-bit ``RGB`` (dropping the low byte), so its mode alone would pass."""
+    a = np.random.default_rng(0).integers(0, 65536, (8, 8, 3))
+    assert Image.open(io.BytesIO(png16(a))).mode == "RGB"
+    for body in (png16(a), png16(a[:, :, 0])):
+        with pytest.raises(RequestError, match="16-bit") as e:
+            decode(body, 10**6)
+        assert e.value.status == 415
+
+
+def test_messages_name_no_memory_address_and_give_no_pickle_advice():
+    with pytest.raises(RequestError) as e:
+        decode(b"\x89PNG\r\n\x1a\n" + bytes(40), 10**6)  # Pillow: "cannot identify image file <_io.BytesIO ...>"
+    assert e.value.status == 400 and "0x" not in e.value.message and "object at" not in e.value.message
+    body = npy(np.array([[{"a": 1}]], dtype=object))
+    with pytest.raises(RequestError) as e:
+        decode(body, 10**6)
+    assert "allow_pickle" not in e.value.message
+
+
+def test_large_images_are_decoded_small():
+    """``reduce_to``: libjpeg decodes at 1/8 scale; a PNG is shrunk right after decoding; sizes stay the upload's."""
+    rng = np.random.default_rng(0)
+    a = np.kron(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), np.ones((64, 64, 1), np.uint8))  # 4096 px
+    up = open_upload(jpeg(a), 4096 * 4096, reduce_to=512)
+    assert (up.width, up.height) == (4096, 4096) and up.decode_pixels == 512 * 512
+    img = up.load()
+    assert img.image.size == (512, 512) and (img.width, img.height) == (4096, 4096)
+    up = open_upload(png(a[:, :3000]), 4096 * 4096, reduce_to=512)
+    assert up.decode_pixels == up.pixels == 3000 * 4096
+    img = up.load()
+    assert img.image.size == (375, 512) and (img.width, img.height) == (3000, 4096)  # reduced by 8
+    # 8 x 8 boxes inside 64 x 64 blocks of one colour: the box average is the block's colour
+    np.testing.assert_array_equal(np.asarray(img.image), a[:, :3000][::8, ::8])
+    small = png(a[:900, :900])  # long side under 2 x 512: decoded as it is
+    assert decode(small, 10**6, reduce_to=512).image.size == (900, 900)
+
+
+def test_mutated_bodies_are_refused_with_a_4xx_never_an_exception():
+    """Thousands of mutated PNG, JPEG and .npy bodies: each decodes or is a RequestError with a 4xx status and a
+    clean message (a few seconds)."""
+    statuses: dict[int, int] = {}
+    t0 = time.perf_counter()
+    for body in mutations(seed_bodies(), 6000):
+        try:
+            decode(body, 10**6)
+        except RequestError as e:
+            assert 400 <= e.status < 500, (e.status, e.message)
+            assert not re.search(r"0x[0-9a-f]{6,}", e.message) and "allow_pickle" not in e.message, e.message
+            statuses[e.status] = statuses.get(e.status, 0) + 1
+    assert time.perf_counter() - t0 < 60
+    assert statuses.get(400, 0) > 1000  # the mutations do reach the decoders
 
 
 @pytest.mark.parametrize("array, status", [

@@ -30,7 +30,7 @@ def real(tmp_path_factory):
     """A tiny student trained for two epochs on the real BreastMNIST, served with the torch backend."""
     from conftest import tiny_overrides
 
-    from training.build import train_config
+    from training.entries import train_config
 
     root = tmp_path_factory.mktemp("real_serve")
     with pytest.MonkeyPatch.context() as mp:

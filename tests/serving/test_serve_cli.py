@@ -66,6 +66,34 @@ def test_errors_before_the_server_starts(capsys):
         assert "pass another --port" in error("baseline-resnet18-breastmnist", "--port", str(busy.getsockname()[1]))
 
 
+@pytest.mark.parametrize("port", ["99999", "0", "-1", "65536"])
+def test_a_port_out_of_range_is_a_one_line_usage_error(capsys, port):
+    from serving.__main__ import main
+
+    assert main(["baseline-resnet18-breastmnist", "--port", port]) == 2
+    err = capsys.readouterr().err
+    assert err == f"serving: error: --port must be between 1 and 65535, got {port}\n"
+
+
+def test_runtime_errors_exit_with_1_usage_errors_with_2(capsys, monkeypatch):
+    """After the arguments are checked, what fails (an export, the server, a model load) is a runtime error."""
+    from serving.__main__ import main
+    from zoo.store import WeightsCorruptedError
+
+    for error, status in [(cli.ServeFailed("the models failed to load: boom"), 1),
+                          (WeightsCorruptedError("weights changed on disk"), 1), (OSError("disk full"), 1),
+                          (cli.UsageError("bad arguments"), 2)]:
+        def fail(a, error=error):
+            raise error
+
+        monkeypatch.setattr(cli, "main", fail)
+        assert main(["baseline-resnet18-breastmnist"]) == status, error
+        err = capsys.readouterr().err
+        assert err.startswith("serving: error: ") and err.count("\n") == 1, err
+    assert cli.config_from_args(_parse("a", "--max-pixels", "100")).max_pixels_in_flight == 400  # 4 x by default
+    assert cli.config_from_args(_parse("a", "--max-pixels-in-flight", "7")).max_pixels_in_flight == 7
+
+
 @pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("training.dinomx.cli", "zoo.explain_cli")),
                     reason="zoo's parser also loads the pretrain and explain plugins, which are not in this checkout")
 def test_zoo_serve_is_wired(capsys):

@@ -8,10 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import http.server
 import io
+import json
+import re
 import shutil
+import socket
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,7 +26,21 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from serve_helpers import Server, images_hwc, jpeg, npy, ok, png, read_json, zero_png
+from serve_helpers import (
+    Server,
+    images_hwc,
+    jpeg,
+    lying_jpeg,
+    mutations,
+    npy,
+    npy_without_brace,
+    ok,
+    png,
+    png16,
+    read_json,
+    seed_bodies,
+    zero_png,
+)
 
 from export.graph import ExportGraph
 from serving.localization import normalise, top_box
@@ -92,8 +112,9 @@ def test_probe_by_zoo_name_with_attention_map(served):
         r = ok(served.srv.post("/localize", png(a), model=PROBE))
         assert r["label"] == want.labels[i] and r["map_kind"] == "attention" and r["target"] == "cls"
         heat = np.asarray(r["heatmap"])
-        assert heat.shape == (28, 28)
-        # the 4 x 4 patch grid, upsampled: its maximum lies in the patch where the attention is largest
+        s = model.entry.input_size  # linear-* entries see DINOv2's 224 px (a 32 x 32 grid of patch 7)
+        assert heat.shape == (s, s)
+        # the patch grid, upsampled: its maximum lies in the patch where the attention is largest
         gy, gx = np.unravel_index(attn[i].argmax(), attn[i].shape)
         assert heat[gy * 7:(gy + 1) * 7, gx * 7:(gx + 1) * 7].max() == pytest.approx(1.0, abs=1e-3)
 
@@ -194,6 +215,10 @@ def _bad_inputs(a: np.ndarray, url: str) -> dict[str, tuple[bytes, dict, int, st
         "npy objects": (npy(np.array([[None]], dtype=object)), {}, 422, "pickle"),
         "npy float out of range": (npy(np.full((28, 28), 3.0, np.float32)), {}, 422, "[0, 1]"),
         "npy truncated": (npy(np.zeros((28, 28), np.uint8))[:-100], {}, 400, "truncated"),
+        "npy header without its }": (npy_without_brace(np.zeros((28, 28), np.uint8)), {}, 400, "header is corrupt"),
+        "jpeg claiming 4000 x 4000": (lying_jpeg(4000, 4000), {}, 400, "truncated"),
+        "16-bit rgb png": (png16(np.full((8, 8, 3), 40000)), {}, 415, "16-bit"),
+        "not a png after its signature": (b"\x89PNG\r\n\x1a\n" + bytes(40), {}, 400, "corrupt"),
         "unknown model": (good, {"model": "baseline-resnet18-nosuchmnist"}, 404, "not served"),
         "no model among several": (good, {"model": None}, 400, "?model="),
         "url instead of bytes": (url.encode(), {}, 400, "does not fetch URLs"),
@@ -220,6 +245,7 @@ def test_bad_inputs_get_4xx_json_and_the_server_keeps_serving(served):
                     r = srv.post(path, body, **params)
                 assert r.status_code == status, (case, path, r.status_code, r.text)
                 assert words in read_json(r)["error"], (case, r.text)
+                assert not re.search(r"0x[0-9a-fA-F]{6,}|allow_pickle", r.text), (case, r.text)
                 assert ok(srv.post("/classify", png(a), model=name)) == good, case  # still serving
     finally:
         recorder.shutdown()
@@ -307,3 +333,145 @@ def test_endpoint_inputs_take_the_body_as_it_is():
     for api in ZooService.apis.values():
         for body in (b"\x89PNG\r\n\x1a\n\xff\x00", b'{"image": "not parsed"}', b"https://example.com/a.png"):
             assert api.input_spec.model_validate_json(body).root == body
+
+
+def test_mutated_bodies_over_http_get_4xx_json_never_5xx(served):
+    """A few hundred mutated PNG, JPEG and .npy bodies, 8 at a time, to both endpoints (tests/serving/test_inputs.py
+    runs thousands through the decoder directly)."""
+    srv, name = served.srv, _name(served, "binary-class")
+    bodies = list(mutations(seed_bodies(), 300, seed=1))
+
+    async def burst() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=8)
+        async with httpx.AsyncClient(base_url=srv.url, timeout=60, limits=limits) as c:
+            return await asyncio.gather(*(c.post(("/classify", "/localize")[i % 2], content=b, params={"model": name})
+                                          for i, b in enumerate(bodies)))
+
+    answers = asyncio.run(burst())
+    statuses = sorted({r.status_code for r in answers})
+    assert all(s == 200 or 400 <= s < 500 for s in statuses), statuses
+    for r in answers:
+        if r.status_code != 200:
+            assert set(read_json(r)) == {"error"} and not re.search(r"0x[0-9a-fA-F]{6,}", r.text), r.text
+    assert ok(srv.post("/classify", png(np.zeros((28, 28), np.uint8)), model=name))["model"] == name
+
+
+def test_every_error_answer_is_json(served):
+    c = served.srv.client
+    for method, path, status, words in [("GET", "/no/such/page", 404, "/no/such/page"),
+                                        ("GET", "/classify", 405, "POST"), ("DELETE", "/models", 405, "GET"),
+                                        ("POST", "/docs.json", 405, "GET")]:
+        r = c.request(method, path)
+        assert r.status_code == status and words in read_json(r)["error"], (method, path, r.text)
+    with socket.create_connection(("127.0.0.1", served.srv.port), timeout=10) as s:  # not HTTP at all
+        s.sendall(b"\x16\x03\x01 hello\r\n\r\n")
+        raw = b""
+        while chunk := s.recv(65536):
+            raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head.lower(), raw
+    assert "invalid HTTP request" in json.loads(body)["error"]
+
+
+def _pipelined_gets(port: int, paths: list[str], depth: int = 100) -> dict[int, int]:
+    """GET each path over one keep-alive connection, ``depth`` requests per write (HTTP/1.1 pipelining, so the
+    client costs next to nothing); the count of each status answered."""
+    counts: dict[int, int] = {}
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        buf = b""
+        for start in range(0, len(paths), depth):
+            chunk = paths[start:start + depth]
+            s.sendall(b"".join(f"GET {p} HTTP/1.1\r\nHost: test\r\n\r\n".encode() for p in chunk))
+            for _ in chunk:
+                while b"\r\n\r\n" not in buf:
+                    buf += s.recv(1 << 16)
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+                while len(buf) < length:
+                    buf += s.recv(1 << 16)
+                buf = buf[length:]
+                status = int(head.split()[1])
+                counts[status] = counts.get(status, 0) + 1
+    return counts
+
+
+def test_unknown_paths_do_not_grow_the_metrics(served):
+    """Request metrics are labelled by route: 10,000 distinct unknown paths are one series, not 10,000."""
+    paths = [f"/probe-{i}/x{i * 7919}" for i in range(10_000)]
+    with ThreadPoolExecutor(4) as pool:
+        counts = list(pool.map(lambda k: _pipelined_gets(served.srv.port, paths[k::4]), range(4)))
+    assert sum(c.get(404, 0) for c in counts) == len(paths)
+    metrics = served.srv.client.get("/metrics").text
+    assert len(metrics.encode()) < 100_000, len(metrics)
+    assert "probe-" not in metrics and 'endpoint="unmatched"' in metrics
+    assert 'endpoint="/classify"' in metrics and 'endpoint="/models"' in metrics
+
+
+def test_docs_page_loads_nothing_from_elsewhere(served):
+    c = served.srv.client
+    r = c.get("/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert "default-src 'self'" in r.headers["content-security-policy"]
+    page = r.text
+    assert "googletagmanager" not in page and "gtm" not in page.lower()
+    refs = re.findall(r"""(?:src|href)\s*=\s*["']([^"']+)["']""", page)
+    assert refs and not [u for u in refs if re.match(r"(?i)(https?:)?//", u)], refs
+    assert "./docs.json" in refs
+    for ref in refs:  # everything the page loads is served here
+        asset = c.get(ref.removeprefix("."))
+        assert asset.status_code == 200, ref
+        if ref.endswith(".css"):
+            assert not re.search(r"url\(\s*['\"]?(https?:)?//", asset.text), ref
+        if ref.endswith("docs-init.js"):
+            assert "validatorUrl: null" in asset.text  # Swagger UI would send the document to swagger.io
+
+
+def _worker_rss_mb(srv: Server) -> float:
+    import psutil
+
+    total = 0
+    for pid in srv.children:
+        with contextlib.suppress(psutil.Error):
+            total += psutil.Process(pid).memory_info().rss
+    return total / 2**20
+
+
+def test_large_pngs_are_decoded_small_within_the_budget(served):
+    """A 4088 x 4088 PNG (~20 KB, within the limits) answers like ``predict`` on that image, boxes in its pixels;
+    a burst of 12 at once leaves the worker's memory where it was (each once cost it ~110 MB, and kept it)."""
+    srv, model = served.srv, served.models["binary-class"]
+    a = images_hwc(_test_images(served, "binary-class", 1))[0][:, :, 0]
+    big = np.kron(a, np.ones((146, 146), np.uint8))  # 28 x 146 = 4088
+    body = png(big)
+    want = model.predict([Image.fromarray(big)])
+    r = ok(srv.post("/classify", body, model=model.entry.name))
+    np.testing.assert_allclose(list(r["probabilities"].values()), want.probs[0], atol=0.02)
+    loc = ok(srv.post("/localize", body, model=model.entry.name))
+    assert 0 <= loc["box"]["x0"] < loc["box"]["x1"] <= 4088 and loc["overlay_size"] == [512, 512]
+
+    before, peak, done = _worker_rss_mb(srv), 0.0, threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _worker_rss_mb(srv))
+            time.sleep(0.02)
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=120) as c:
+            return await asyncio.gather(*(c.post("/classify", content=body, params={"model": model.entry.name})
+                                          for _ in range(12)))
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        answers = asyncio.run(burst())
+    finally:
+        done.set()
+        sampler.join()
+    assert {r.status_code for r in answers} == {200}
+    time.sleep(2)  # the worker hands memory back shortly after the burst
+    after = _worker_rss_mb(srv)
+    assert peak - before < 600, (before, peak, after)  # 4 x 16.7 MP in flight, decoded to 512 px at once
+    assert after - before < 200, (before, peak, after)
+    assert served.listing["limits"]["max_pixels_in_flight"] == 4 * served.listing["limits"]["max_pixels"]

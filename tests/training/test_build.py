@@ -14,14 +14,16 @@ from conftest import SYNTHETIC, TASK_FLAG, install, tiny_overrides
 from safetensors.torch import load_file
 
 import zoo
-from training import build as B
+from training import entries as E
 from training.config import ConfigError, load_config
+from training.medalmighty import recipe as R
 from zoo import store
+from zoo.backbones import ViTBackbone
 from zoo.card import _f
 from zoo.data import load_split
 from zoo.inference import logits_to_probs
 from zoo.metrics import compute_metrics
-from zoo.models import HFBackbone, state_dict_sha256
+from zoo.models import state_dict_sha256
 from zoo.registry import get_entry
 
 FILES = {"model.safetensors", "config.json", "config.yaml", "metrics.json", "README.md"}
@@ -63,13 +65,13 @@ def test_run_folder_layout(tiny_runs, task):
 @pytest.mark.parametrize("task", list(TASK_FLAG))
 def test_medalmighty_run_with_tiny_teacher(tiny_teacher_dir, tmp_path, task):
     flag = TASK_FLAG[task]
-    d = B.train_config("medalmighty/default.yaml", tiny_overrides(
+    d = E.train_config("medalmighty/default.yaml", tiny_overrides(
         "medalmighty", flag, tmp_path, f"teacher.backbone={tiny_teacher_dir}", "probe.epochs=3", "train.epochs=1"),
         progress=False)
     cfg, metrics = _read(d)
     assert set(cfg["sha256"]) == {"model.safetensors", "teacher_head.safetensors"}
     lin = cfg["lineage"]
-    backbone = HFBackbone.from_pretrained(tiny_teacher_dir)
+    backbone = ViTBackbone.from_pretrained(tiny_teacher_dir)
     assert lin["teacher_backbone"] == str(tiny_teacher_dir) == cfg["entry"]["teacher"]
     assert lin["teacher_sha256"] == state_dict_sha256(backbone)
     assert lin["pooling"] == "cls+mean" and lin["teacher_input_size"] == 28
@@ -96,9 +98,12 @@ def test_registered_medalmighty_entry_with_teacher_directory(tiny_teacher_dir):
                   [f"teacher.backbone={tiny_teacher_dir}", "probe.epochs=2", "train.epochs=1", "train.progress=false",
                    "data.download=false"], progress=False)
     model = zoo.load("medalmighty-resnet18-chestmnist")
-    assert model.entry.teacher == str(tiny_teacher_dir)  # the lineage records the teacher actually used
+    # A name always means its registered entry: the offline copy of the teacher is recorded in the lineage
+    # (config.json), not in the entry (whose teacher used to become the directory).
+    assert model.entry == get_entry("medalmighty-resnet18-chestmnist")
     assert get_entry("medalmighty-resnet18-chestmnist").teacher == "facebook/dinov2-base"
     cfg, metrics = _read(d)
+    assert cfg["lineage"]["teacher_backbone"] == str(tiny_teacher_dir)  # the teacher actually used
     assert cfg["config"]["teacher"]["backbone"] == str(tiny_teacher_dir) and cfg["config"]["probe"]["epochs"] == 2
     assert set(metrics["teacher"]) == {"val", "test"}
     pred = model.predict(np.zeros((2, 28, 28), np.uint8))
@@ -106,7 +111,7 @@ def test_registered_medalmighty_entry_with_teacher_directory(tiny_teacher_dir):
 
 
 def test_linear_run_from_config_loads_by_path(tiny_teacher_dir, tmp_path, medmnist_root):
-    d = B.train_config("medalmighty/default.yaml", [
+    d = E.train_config("medalmighty/default.yaml", [
         "method=linear", "data.dataset=dermamnist", f"teacher.backbone={tiny_teacher_dir}", "probe.epochs=2",
         f"output_dir={tmp_path}", "data.download=false", "train.progress=false"], progress=False)
     assert d.name.startswith("linear-vit-dermamnist-")
@@ -124,8 +129,10 @@ def test_linear_entry_build(built_linear_breast, tiny_teacher_dir):
     assert set(cfg["sha256"]) == {"model.safetensors", "backbone/model.safetensors"}
     assert (d / "backbone" / "config.json").is_file()
     e = cfg["entry"]
+    # The entry keeps its registered teacher (the hub id); the local copy it was built from is in the lineage.
     assert (e["method"], e["arch"], e["in_chans"], e["teacher"]) == ("linear", "dinov2-vits14", 3,
-                                                                      str(tiny_teacher_dir))
+                                                                      "facebook/dinov2-small")
+    assert cfg["lineage"]["teacher_backbone"] == str(tiny_teacher_dir)
     assert e["mean"] == [0.485, 0.456, 0.406]
     assert metrics["epochs"] == 5 and len(metrics["history"]) == 5
     head = load_file(d / "model.safetensors")
@@ -136,13 +143,17 @@ def test_linear_entry_build(built_linear_breast, tiny_teacher_dir):
 def test_medalmighty_build_with_linear_entry_as_teacher(built_linear_breast):
     install(built_linear_breast)
     teacher_name = "linear-dinov2-vits14-breastmnist"
-    d = zoo.build("medalmighty-resnet18-breastmnist",
+    # Entries fix their teacher: the default one distils DINOv2 ViT-B/14, so the ViT-S/14 probe teaches the
+    # variant whose teacher is facebook/dinov2-small (which accepts its built linear-* entry).
+    name = "medalmighty-resnet18-breastmnist.dinov2s-224"
+    d = zoo.build(name,
                   [f"teacher.backbone={teacher_name}", "train.epochs=1", "train.progress=false",
                    "data.download=false"], progress=False)
-    assert d == store.entry_dir("medalmighty-resnet18-breastmnist")
+    assert d == store.entry_dir(name)
     cfg, metrics = _read(d)
     teacher = zoo.load(teacher_name)
-    assert cfg["lineage"]["teacher_backbone"] == teacher_name == cfg["entry"]["teacher"]
+    assert cfg["lineage"]["teacher_backbone"] == teacher_name
+    assert cfg["entry"]["teacher"] == get_entry(name).teacher == "facebook/dinov2-small"
     assert cfg["lineage"]["teacher_sha256"] == state_dict_sha256(teacher.net)
     # the probe head is reused, not retrained
     assert torch.equal(load_file(d / "teacher_head.safetensors")["weight"], teacher.net.head.weight)
@@ -150,7 +161,7 @@ def test_medalmighty_build_with_linear_entry_as_teacher(built_linear_breast):
     for split in ("val", "test"):
         assert metrics["teacher"][split]["auc"] == pytest.approx(teacher_metrics[split]["auc"], abs=1e-6)
         assert metrics["teacher"][split]["acc"] == pytest.approx(teacher_metrics[split]["acc"], abs=1 / 48 + 1e-9)
-    assert zoo.load("medalmighty-resnet18-breastmnist").predict(np.zeros((28, 28), np.uint8)).probs.shape == (1, 2)
+    assert zoo.load(name).predict(np.zeros((28, 28), np.uint8)).probs.shape == (1, 2)
 
 
 def test_registered_entry_build(built_resnet18_breast):
@@ -159,8 +170,9 @@ def test_registered_entry_build(built_resnet18_breast):
     cfg, metrics = _read(d)
     assert cfg["entry"] == get_entry("baseline-resnet18-breastmnist").to_dict() | {
         "labels": list(get_entry("baseline-resnet18-breastmnist").labels),
-        "mean": [0.5], "std": [0.5], "overrides": ["method=baseline", "model.arch=resnet18",
-                                                   "data.dataset=breastmnist"]}
+        "mean": [0.5], "std": [0.5],
+        # the entry pins its preprocessing too now (not only method, arch and dataset)
+        "overrides": list(get_entry("baseline-resnet18-breastmnist").overrides)}
     assert cfg["config"]["model"]["arch"] == "resnet18" and cfg["config"]["train"]["epochs"] == 1
     assert metrics["epochs"] == 1
     assert (d / "config.yaml").read_text().startswith("recipe: medalmighty\n")
@@ -168,7 +180,7 @@ def test_registered_entry_build(built_resnet18_breast):
 
 def test_build_applies_config_files_then_overrides(monkeypatch):
     seen = {}
-    monkeypatch.setattr(B, "run", lambda cfg, out, base=None, progress=True: seen.update(cfg=cfg))
+    monkeypatch.setattr(R, "run", lambda cfg, out, entry=None, progress=True: seen.update(cfg=cfg))
     zoo.build("baseline-resnet50-dermamnist", ["train.epochs=1"], config_files=["medalmighty/cpu-fast.yaml"])
     cfg = seen["cfg"]
     assert cfg["train"]["schedule"] == "cosine" and cfg["train"]["epochs"] == 1
@@ -195,7 +207,7 @@ def test_failed_build_keeps_previous_entry(built_resnet18_breast, monkeypatch):
     def crash(*a, **k):
         raise RuntimeError("power cut")
 
-    monkeypatch.setattr(B, "fit", crash)
+    monkeypatch.setattr(R, "fit", crash)
     with pytest.raises(RuntimeError, match="power cut"):
         zoo.build("baseline-resnet18-breastmnist", ["train.epochs=1", "train.progress=false"], progress=False)
     assert {p.name: store.sha256_file(p) for p in d.iterdir() if p.is_file()} == before
@@ -204,7 +216,7 @@ def test_failed_build_keeps_previous_entry(built_resnet18_breast, monkeypatch):
 
 
 def test_failed_first_build_leaves_nothing(monkeypatch):
-    monkeypatch.setattr(B, "fit", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(R, "fit", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError):
         zoo.build("baseline-resnet18-breastmnist", ["train.progress=false"], progress=False)
     assert list(store.zoo_home().iterdir()) == []
@@ -226,7 +238,7 @@ def test_missing_dataset_file_fails_clearly(tmp_path, monkeypatch):
 
 
 def test_card_reports_epochs_actually_trained(tmp_path):
-    d = B.train_config("medalmighty/default.yaml", tiny_overrides(
+    d = E.train_config("medalmighty/default.yaml", tiny_overrides(
         "baseline", "breastmnist", tmp_path, "train.epochs=1", "train.min_steps=6"), progress=False)
     metrics = json.loads((d / "metrics.json").read_text())
     assert metrics["epochs"] == 2  # 96 images, batch 32: 3 steps an epoch
@@ -242,13 +254,13 @@ class _FrozenClock(datetime.datetime):
 
 
 def test_two_runs_in_the_same_second_keep_both(tmp_path, monkeypatch):
-    def fake_run(cfg, out, base=None, progress=True, **kw):
+    def fake_run(cfg, out, entry=None, progress=True, **kw):
         (out / "marker").write_text(str(cfg["seed"]))
 
-    monkeypatch.setattr(B, "run", fake_run)
-    monkeypatch.setattr(B, "dt", types.SimpleNamespace(datetime=_FrozenClock, timezone=datetime.timezone))
+    monkeypatch.setattr(R, "run", fake_run)
+    monkeypatch.setattr(E, "dt", types.SimpleNamespace(datetime=_FrozenClock, timezone=datetime.timezone))
     ov = tiny_overrides("baseline", "breastmnist", tmp_path)
-    a = B.train_config("medalmighty/default.yaml", ov + ["seed=1"], progress=False)
-    b = B.train_config("medalmighty/default.yaml", ov + ["seed=2"], progress=False)
+    a = E.train_config("medalmighty/default.yaml", ov + ["seed=1"], progress=False)
+    b = E.train_config("medalmighty/default.yaml", ov + ["seed=2"], progress=False)
     assert a != b
     assert (a / "marker").read_text() == "1" and (b / "marker").read_text() == "2"

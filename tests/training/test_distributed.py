@@ -52,7 +52,7 @@ def torchrun(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def single_process(session_env, tmp_path_factory) -> Path:
     """The reference: one process, the same config, uninterrupted."""
-    from training.dinomx.run import pretrain_config
+    from training.dinomx.recipe import pretrain_config
 
     out = tmp_path_factory.mktemp("single")
     d, metrics = pretrain_config(CONFIG, [*TINY, f"output_dir={out}"], progress=False)
@@ -63,7 +63,9 @@ def single_process(session_env, tmp_path_factory) -> Path:
 def _weights(run: Path) -> dict[str, dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
-    ckpt = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    from training import checkpoint
+
+    ckpt = checkpoint.load(run / "checkpoints" / "last.pt")  # checksummed format: never torch.load directly
     return {"backbone": load_file(run / "backbone" / "model.safetensors"), "student": ckpt["student"],
             "teacher": ckpt["teacher"]}
 
@@ -129,7 +131,7 @@ def test_zoo_train_under_torchrun_ddp(tmp_path):
     """`torchrun -m zoo.cli train ... distributed.strategy=ddp`: one run folder, written by rank 0 only."""
     from conftest import tiny_overrides
 
-    from training.build import train_config
+    from training.entries import train_config
     from zoo.api import evaluate, load
 
     ov = tiny_overrides("baseline", "breastmnist", None)
@@ -165,14 +167,13 @@ def _local_share(runner) -> float:
 
 def _pretrain_worker(out: Path, overrides: list[str]) -> None:
     from training.config import load_config
-    from training.dinomx.run import run_name
-    from training.dinomx.train import Pretrainer
+    from training.dinomx.recipe import Pretraining, run_name
     from zoo.cli import main
 
     overrides = [*overrides, f"output_dir={out}"]
     cfg = load_config(CONFIG, overrides=overrides)
     ckpt = Path(cfg["output_dir"]) / run_name(cfg) / "checkpoints"
-    pt = Pretrainer(cfg)
+    pt = Pretraining(cfg)
     pt.fit(ckpt, progress=False, stop_after=STOP)  # writes the step-STOP checkpoint, then stops
     (out / f"rank{pt.env.rank}.json").write_text(json.dumps(
         {"runner": type(pt.runner).__name__, "world": pt.env.world, "local_share": _local_share(pt.runner)}))
@@ -190,24 +191,25 @@ def _fit_worker(out: Path) -> None:
     from training import distributed as D
     from training.config import load_config
     from training.loop import fit
-    from training.losses import MedAlmightyLoss
+    from training.medalmighty.config import parse
+    from training.medalmighty.losses import MedAlmightyLoss
+    from training.medalmighty.recipe import student_settings
 
     env = D.init("ddp")
     g = torch.Generator().manual_seed(0)
     y = (torch.arange(147) % 2)[:, None]
     x = torch.randn(147, 8, generator=g) + 1.5 * (y * 2 - 1)
     teacher = torch.randn(99, 1, generator=g)
-    cfg = dict(load_config(None, family="medalmighty")["train"], epochs=3, batch_size=32, amp="none",
-               progress=False, lr=0.01)
+    settings = dataclasses.replace(student_settings(parse(load_config(None, family="medalmighty")), progress=False),
+                                   epochs=3, batch_size=32, amp="none", lr=0.01)
 
     def one(e: D.DistEnv | None, strategy: str = "none", stage: int = 2) -> dict:
         torch.manual_seed(0)
         net = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 1))
-        r = fit(net, (x[:99], y[:99]), (x[99:], y[99:]), task="binary-class", cfg=cfg,
+        r = fit(net, (x[:99], y[:99]), (x[99:], y[99:]), task="binary-class", settings=settings,
                 loss_fn=MedAlmightyLoss("binary-class", 0.5, 2.0), teacher_logits=teacher,
                 generator=torch.Generator().manual_seed(1),
-                env=dataclasses.replace(e, strategy=strategy) if e else None,
-                distributed={"strategy": strategy, "zero_stage": stage})
+                env=dataclasses.replace(e, strategy=strategy) if e else None, zero_stage=stage)
         return {"history": r.history, "best_epoch": r.best_epoch,
                 "state": {k: v.tolist() for k, v in r.model.state_dict().items()}}
 

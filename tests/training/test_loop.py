@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -11,19 +12,22 @@ import torch.nn as nn
 from conftest import tiny_overrides
 
 from training import loop
-from training.build import train_config
-from training.config import load_config
-from training.loop import amp_dtype, fit, lr_factor, make_optimizer, seed_everything
-from training.losses import MedAlmightyLoss
+from training.config import ConfigError, load_config
+from training.entries import train_config
+from training.loop import amp_dtype, fit, make_optimizer, seed_everything
+from training.medalmighty.config import parse
+from training.medalmighty.losses import MedAlmightyLoss
+from training.medalmighty.recipe import student_settings
+from training.schedules import lr_factors
 from zoo import store
 from zoo.data import Preprocess, load_split
 from zoo.models import create_student, state_dict_sha256
 
 
 def _train_cfg(**kw):
-    cfg = dict(load_config(None, family="medalmighty")["train"], epochs=2, batch_size=32, progress=False)
-    cfg.update(kw)
-    return cfg
+    """The default recipe's train section as the loop's settings, with test-sized changes."""
+    settings = student_settings(parse(load_config(None, family="medalmighty")), progress=False)
+    return dataclasses.replace(settings, **{"epochs": 2, "batch_size": 32, **kw})
 
 
 def _separable(n, seed):
@@ -39,7 +43,7 @@ def _fit_student(seed, epochs=2, **cfg_kw):
     torch.manual_seed(seed)
     net = create_student("resnet-test", 1, 1)
     return fit(net, (tr.images, tr.labels), (va.images, va.labels), task="binary-class",
-               cfg=_train_cfg(epochs=epochs, **cfg_kw), loss_fn=MedAlmightyLoss("binary-class", 1.0),
+               settings=_train_cfg(epochs=epochs, **cfg_kw), loss_fn=MedAlmightyLoss("binary-class", 1.0),
                prep=Preprocess(28, 1, (0.5,), (0.5,)), generator=gen)
 
 
@@ -63,7 +67,7 @@ def test_fit_learns_a_separable_problem():
     torch.manual_seed(0)
     head = nn.Linear(8, 1)
     res = fit(head, _separable(128, 0), _separable(64, 1), task="binary-class",
-              cfg=_train_cfg(epochs=5, lr=0.05, schedule="constant"), loss_fn=MedAlmightyLoss("binary-class", 1.0),
+              settings=_train_cfg(epochs=5, lr=0.05, schedule="constant"), loss_fn=MedAlmightyLoss("binary-class", 1.0),
               generator=torch.Generator().manual_seed(0))
     assert res.best_val["auc"] > 0.99 and res.best_val["acc"] > 0.95
     assert res.history[-1]["loss"] < res.history[0]["loss"]
@@ -83,7 +87,7 @@ def test_best_checkpoint_is_chosen_on_val_auc(monkeypatch):
 
     monkeypatch.setattr(loop, "compute_metrics", scripted)
     res = fit(head, _separable(64, 0), _separable(32, 1), task="binary-class",
-              cfg=_train_cfg(epochs=4, lr=0.05, schedule="constant"), loss_fn=MedAlmightyLoss("binary-class", 1.0),
+              settings=_train_cfg(epochs=4, lr=0.05, schedule="constant"), loss_fn=MedAlmightyLoss("binary-class", 1.0),
               generator=torch.Generator().manual_seed(0))
     val_aucs = [h["val_auc"] for h in res.history]
     assert val_aucs == [0.6, 0.9, 0.7, 0.9]
@@ -107,38 +111,42 @@ def test_test_split_logged_only_on_request():
     for flag in (False, True):
         torch.manual_seed(0)
         res = fit(create_student("resnet-test", 1, 1), (tr.images, tr.labels), (va.images, va.labels),
-                  task="binary-class", cfg=_train_cfg(epochs=1, log_test_every_epoch=flag),
+                  task="binary-class", settings=_train_cfg(epochs=1, log_test_every_epoch=flag),
                   loss_fn=MedAlmightyLoss("binary-class", 1.0), prep=Preprocess(28, 1, (0.5,), (0.5,)),
                   test=(va.images, va.labels), generator=torch.Generator().manual_seed(0))
         assert ("test_auc" in res.history[0]) == flag
 
 
 def test_multistep_schedule():
-    f = lr_factor({"epochs": 100, "schedule": "multistep", "milestones": [0.5, 0.75], "gamma": 0.1}, 10)
-    assert f(0) == 1.0 and f(499) == 1.0
-    assert f(500) == pytest.approx(0.1) and f(749) == pytest.approx(0.1)
-    assert f(750) == pytest.approx(0.01) and f(999) == pytest.approx(0.01)
-    g = lr_factor({"epochs": 4, "schedule": "multistep"}, 3)  # defaults: milestones 0.5/0.75, gamma 0.1
-    assert [round(g(s), 6) for s in range(12)] == [1.0] * 6 + [0.1] * 3 + [0.01] * 3
+    f = lr_factors("multistep", 100, 10, milestones=[0.5, 0.75], gamma=0.1)
+    assert f[0] == 1.0 and f[499] == 1.0
+    assert f[500] == pytest.approx(0.1) and f[749] == pytest.approx(0.1)
+    assert f[750] == pytest.approx(0.01) and f[999] == pytest.approx(0.01)
+    g = lr_factors("multistep", 4, 3)  # defaults: milestones 0.5/0.75, gamma 0.1
+    assert [round(g[s], 6) for s in range(12)] == [1.0] * 6 + [0.1] * 3 + [0.01] * 3
 
 
 def test_cosine_schedule_with_warmup():
     steps, epochs = 10, 20
-    f = lr_factor({"epochs": epochs, "schedule": "cosine", "warmup_epochs": 2}, steps)
-    warm = [f(s) for s in range(20)]
+    f = lr_factors("cosine", epochs, steps, warmup_epochs=2)
+    warm = [f[s] for s in range(20)]
     assert warm == pytest.approx([(s + 1) / 20 for s in range(20)])  # linear warm-up to 1
-    decay = [f(s) for s in range(20, epochs * steps)]
+    decay = [f[s] for s in range(20, epochs * steps)]
     assert decay[0] == 1.0
     assert all(a >= b for a, b in zip(decay, decay[1:]))
-    assert f(20 + 90) == pytest.approx(0.5)  # half way through the decay
-    assert f(epochs * steps - 1) < 1e-3  # ~0 at the end
-    assert lr_factor({"epochs": 3, "schedule": "cosine"}, 5)(0) == 1.0  # no warm-up
+    assert f[20 + 90] == pytest.approx(0.5)  # half way through the decay
+    assert f[epochs * steps - 1] < 1e-3  # ~0 at the end
+    assert lr_factors("cosine", 3, 5)[0] == 1.0  # no warm-up
 
 
 def test_constant_and_unknown_schedule():
-    assert lr_factor({"epochs": 3, "schedule": "constant"}, 5)(14) == 1.0
-    with pytest.raises(ValueError, match="train.schedule must be"):
-        lr_factor({"epochs": 3, "schedule": "step"}, 5)
+    assert lr_factors("constant", 3, 5)[14] == 1.0
+    # lr_factors serves every recipe, so its own error names no config section; the train.schedule
+    # key is checked (and named) when the config is parsed.
+    with pytest.raises(ValueError, match="schedule must be multistep, cosine or constant"):
+        lr_factors("step", 3, 5)
+    with pytest.raises(ConfigError, match="train.schedule must be"):
+        parse(load_config(None, ["train.schedule=step"], family="medalmighty"))
 
 
 def test_optimizer_follows_schedule_during_fit(monkeypatch):
@@ -151,7 +159,7 @@ def test_optimizer_follows_schedule_during_fit(monkeypatch):
 
     monkeypatch.setattr(torch.optim.Adam, "step", step)
     fit(nn.Linear(8, 1), _separable(32, 0), _separable(16, 1), task="binary-class",
-        cfg=_train_cfg(epochs=4, batch_size=16, lr=1.0, schedule="multistep"),
+        settings=_train_cfg(epochs=4, batch_size=16, lr=1.0, schedule="multistep"),
         loss_fn=MedAlmightyLoss("binary-class", 1.0), generator=torch.Generator().manual_seed(0))
     assert seen == pytest.approx([1.0] * 4 + [0.1] * 2 + [0.01] * 2)
 
@@ -167,19 +175,19 @@ def test_min_steps_extends_epochs_and_schedule(monkeypatch):
     monkeypatch.setattr(torch.optim.Adam, "step", step)
     # 32 samples, batch 16: 2 steps an epoch; 1 epoch asked, at least 7 steps -> 4 epochs
     res = fit(nn.Linear(8, 1), _separable(32, 0), _separable(16, 1), task="binary-class",
-              cfg=_train_cfg(epochs=1, min_steps=7, batch_size=16, lr=1.0, schedule="multistep"),
+              settings=_train_cfg(epochs=1, min_steps=7, batch_size=16, lr=1.0, schedule="multistep"),
               loss_fn=MedAlmightyLoss("binary-class", 1.0), generator=torch.Generator().manual_seed(0))
     assert len(res.history) == 4
     assert seen == pytest.approx([1.0] * 4 + [0.1] * 2 + [0.01] * 2)  # milestones of the 4-epoch run
     res = fit(nn.Linear(8, 1), _separable(32, 0), _separable(16, 1), task="binary-class",
-              cfg=_train_cfg(epochs=3, min_steps=2, batch_size=16), loss_fn=MedAlmightyLoss("binary-class", 1.0),
+              settings=_train_cfg(epochs=3, min_steps=2, batch_size=16), loss_fn=MedAlmightyLoss("binary-class", 1.0),
               generator=torch.Generator().manual_seed(0))
     assert len(res.history) == 3  # min_steps below epochs x steps changes nothing
 
 
 def test_history_lr_is_the_lr_used_in_that_epoch():
     res = fit(nn.Linear(8, 1), _separable(32, 0), _separable(16, 1), task="binary-class",
-              cfg=_train_cfg(epochs=4, batch_size=16, lr=1.0, schedule="multistep"),
+              settings=_train_cfg(epochs=4, batch_size=16, lr=1.0, schedule="multistep"),
               loss_fn=MedAlmightyLoss("binary-class", 1.0), generator=torch.Generator().manual_seed(0))
     assert [h["lr"] for h in res.history] == pytest.approx([1.0, 1.0, 0.1, 0.01])
 
@@ -189,8 +197,11 @@ def test_amp_dtype():
     assert amp_dtype("none", cpu) is None
     assert amp_dtype("bf16", cpu) is torch.bfloat16
     assert amp_dtype("auto", cpu) in (None, torch.bfloat16)
-    with pytest.raises(ValueError, match="train.amp must be"):
+    # amp_dtype serves train.amp and optim.amp alike: its error names no section; parsing names the key.
+    with pytest.raises(ValueError, match="amp must be none, bf16 or auto"):
         amp_dtype("fp16", cpu)
+    with pytest.raises(ConfigError, match="train.amp must be"):
+        parse(load_config(None, ["train.amp=fp16"], family="medalmighty"))
 
 
 def test_bf16_autocast_trains_on_cpu():
@@ -202,7 +213,10 @@ def test_bf16_autocast_trains_on_cpu():
 @pytest.mark.parametrize("name,cls", [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW),
                                       ("sgd", torch.optim.SGD)])
 def test_make_optimizer(name, cls):
-    opt = make_optimizer(nn.Linear(2, 1).parameters(), {"optimizer": name, "lr": "1e-3", "weight_decay": 0.0})
+    # Typed arguments now: the config parser turns YAML values into numbers (and names a bad key).
+    opt = make_optimizer(nn.Linear(2, 1).parameters(), name, 1e-3, weight_decay=0.0)
     assert isinstance(opt, cls) and opt.param_groups[0]["lr"] == 1e-3
-    with pytest.raises(ValueError, match="train.optimizer must be"):
-        make_optimizer(nn.Linear(2, 1).parameters(), {"optimizer": "lion", "lr": 1, "weight_decay": 0})
+    with pytest.raises(ValueError, match="optimizer must be adam, adamw or sgd"):
+        make_optimizer(nn.Linear(2, 1).parameters(), "lion", 1, weight_decay=0)
+    with pytest.raises(ConfigError, match="train.optimizer must be"):
+        parse(load_config(None, ["train.optimizer=lion"], family="medalmighty"))

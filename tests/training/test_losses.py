@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.losses import MedAlmightyLoss, kd_loss, task_loss
+from training.medalmighty.losses import MedAlmightyLoss, kd_loss, task_loss
 
 
 def _softmax_reference(s, t, y, alpha, temp):

@@ -7,16 +7,19 @@ import torch
 import torch.nn as nn
 from conftest import install, write_medmnist_npz
 
-from training import teacher as T
 from training.config import load_config
+from training.medalmighty import teacher as T
+from training.medalmighty.config import parse
+from zoo.backbones import ViTBackbone
 from zoo.data import SPLITS, load_split
-from zoo.models import HFBackbone
 
 
-def _cfg(backbone, **data):
-    cfg = load_config(None, [f"teacher.backbone={backbone}", "data.download=false"], family="medalmighty")
+def _cfg(backbone, *overrides, **data):
+    """The typed recipe config the teacher functions take (``overrides`` as key=value)."""
+    cfg = load_config(None, [f"teacher.backbone={backbone}", "data.download=false", *overrides],
+                      family="medalmighty")
     cfg["data"].update(data)
-    return cfg
+    return parse(cfg)
 
 
 def _splits(flag="breastmnist", root=None):
@@ -27,7 +30,7 @@ def _forbid_backbone(monkeypatch):
     def boom(self, x):
         raise AssertionError("the backbone ran although its features are cached")
 
-    monkeypatch.setattr(HFBackbone, "forward", boom)
+    monkeypatch.setattr(ViTBackbone, "forward", boom)
 
 
 def test_load_teacher_from_directory(tiny_teacher_dir):
@@ -77,10 +80,11 @@ def test_cache_key_changes_with_teacher_weights(tiny_teacher_dir):
 
 def test_cache_key_changes_with_pooling_and_input_size(tiny_teacher_dir):
     splits = _splits()
-    for cfg in (_cfg(tiny_teacher_dir), _cfg(tiny_teacher_dir, input_size=56)):
+    # A teacher now sees its own resolution unless teacher.input_size sets one (data.input_size is only the
+    # student's), so the other input size is set there.
+    for cfg in (_cfg(tiny_teacher_dir), _cfg(tiny_teacher_dir, "teacher.input_size=56")):
         T.features(T.load_teacher(cfg), splits, cfg, progress=False)
-    cfg = _cfg(tiny_teacher_dir)
-    cfg["teacher"]["pooling"] = "cls"
+    cfg = _cfg(tiny_teacher_dir, "teacher.pooling=cls")
     f = T.features(T.load_teacher(cfg), splits, cfg, progress=False)
     assert f["train"].shape[1] == 32
     assert len(list(T.cache_dir().glob("features-*.safetensors"))) == 3
@@ -137,11 +141,11 @@ def test_cache_with_wrong_lengths_is_recomputed(tiny_teacher_dir):
 
 
 def test_train_probe(tiny_teacher_dir):
-    cfg = _cfg(tiny_teacher_dir)
-    cfg["probe"]["epochs"] = 3
+    cfg = _cfg(tiny_teacher_dir, "probe.epochs=3")
     teacher, splits = T.load_teacher(cfg), _splits()
     feats = T.features(teacher, splits, cfg, progress=False)
-    head, res = T.train_probe(feats, splits, "binary-class", 1, cfg, torch.Generator().manual_seed(0), progress=False)
+    probe = T.train_probe(feats, splits, "binary-class", 1, cfg, torch.Generator().manual_seed(0), progress=False)
+    head, res = probe.head, probe.fit
     assert isinstance(head, nn.Linear) and head.weight.shape == (1, 64)
     assert len(res.history) == 3 and 1 <= res.best_epoch <= 3
 
@@ -151,12 +155,15 @@ def test_teacher_from_built_linear_entry(built_linear_breast, tiny_teacher_dir):
     cfg = _cfg("linear-dinov2-vits14-breastmnist")
     t = T.load_teacher(cfg)
     assert t.head is not None and t.source == "linear-dinov2-vits14-breastmnist"
-    assert t.prep.in_chans == 3 and t.prep.input_size == 28
+    # The registered linear entry pins its teacher's resolution: 224 px (DINOv2's), whatever teacher.backbone
+    # copy it was built from (it was 28, the data's size, before entries pinned teacher.input_size).
+    assert t.prep.in_chans == 3 and t.prep.input_size == 224
     with pytest.raises(ValueError, match="trained on breastmnist, not chestmnist"):
         T.load_teacher(_cfg("linear-dinov2-vits14-breastmnist", dataset="chestmnist"))
 
 
 def test_teacher_must_be_a_linear_entry(built_resnet18_breast):
     install(built_resnet18_breast)
-    with pytest.raises(ValueError, match="a teacher must be a linear-\\* entry"):
+    # The message now also names the dinomx-* entries, which were accepted as teachers before too.
+    with pytest.raises(ValueError, match="a teacher must be a linear-\\* or dinomx-\\* entry"):
         T.load_teacher(_cfg("baseline-resnet18-breastmnist"))

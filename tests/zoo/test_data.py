@@ -10,7 +10,6 @@ from conftest import SPLIT_SIZES, SYNTHETIC, write_medmnist_npz
 from zoo import data
 from zoo.data import (
     SPLITS,
-    TASKS,
     DatasetNotFoundError,
     Preprocess,
     dataset_info,
@@ -20,6 +19,7 @@ from zoo.data import (
     npz_path,
     preprocess,
 )
+from zoo.tasks import TASKS
 
 FLAGS_2D = ["pathmnist", "chestmnist", "dermamnist", "octmnist", "pneumoniamnist", "retinamnist", "breastmnist",
             "bloodmnist", "tissuemnist", "organamnist", "organcmnist", "organsmnist"]

@@ -18,20 +18,12 @@ from conftest import install, tiny_overrides
 from PIL import Image
 
 from zoo.api import ZooModel, load_backbone
+from zoo.backbones import ViTBackbone
 from zoo.cli import main as zoo_main
 from zoo.data import preprocess
-from zoo.explain import (
-    attention_rollout,
-    cam,
-    cls_attention,
-    colormap,
-    explain,
-    overlay,
-    pca_image,
-    peak,
-    pointing_hit,
-)
-from zoo.models import HFBackbone, create_student
+from zoo.explain import explain
+from zoo.maps import attention_rollout, cam, cls_attention, colormap, overlay, pca_image, peak, pointing_hit
+from zoo.models import create_student
 from zoo.registry import get_entry
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=28,
@@ -107,7 +99,7 @@ def _recomputed_attention(model: torch.nn.Module, x: torch.Tensor) -> list[torch
 
 @pytest.mark.parametrize("kind", list(REGISTERS))
 def test_cls_attention_is_the_cls_row_over_patches_registers_skipped(tiny_vits, kind):
-    bb = HFBackbone.from_pretrained(tiny_vits[kind])
+    bb = ViTBackbone.from_pretrained(tiny_vits[kind])
     r = REGISTERS[kind]
     assert bb.num_register_tokens == r
     x = _images(channels=CHANNELS[kind])
@@ -127,7 +119,7 @@ def test_cls_attention_is_the_cls_row_over_patches_registers_skipped(tiny_vits, 
 
 
 def test_cls_attention_needs_eager_attention_and_an_existing_layer(tiny_vits):
-    bb = HFBackbone.from_pretrained(tiny_vits["dinov2"])
+    bb = ViTBackbone.from_pretrained(tiny_vits["dinov2"])
     with pytest.raises(ValueError, match="layer 2 does not exist.*2 layers"):
         cls_attention(bb, _images(), layer=2)
     bb.model.set_attn_implementation("sdpa")
@@ -156,7 +148,7 @@ def _numpy_rollout(attentions: list[np.ndarray], registers: int, fusion: str, ra
 @pytest.mark.parametrize("fusion, ratio", [("mean", 0.0), ("max", 0.0), ("min", 0.0), ("mean", 0.6)])
 @pytest.mark.parametrize("kind", ["dinov2", "dinov2_reg"])
 def test_rollout_matches_numpy(tiny_vits, kind, fusion, ratio):
-    bb = HFBackbone.from_pretrained(tiny_vits[kind])
+    bb = ViTBackbone.from_pretrained(tiny_vits[kind])
     x = _images(3, seed=1)
     with torch.no_grad():
         atts = [a.double().numpy() for a in bb.model(pixel_values=x, output_attentions=True).attentions]
@@ -167,7 +159,7 @@ def test_rollout_matches_numpy(tiny_vits, kind, fusion, ratio):
 
 
 def test_rollout_rejects_bad_options(tiny_vits):
-    bb = HFBackbone.from_pretrained(tiny_vits["dinov2"])
+    bb = ViTBackbone.from_pretrained(tiny_vits["dinov2"])
     with pytest.raises(ValueError, match="head_fusion"):
         attention_rollout(bb, _images(), head_fusion="median")
     with pytest.raises(ValueError, match="discard_ratio"):
@@ -176,7 +168,7 @@ def test_rollout_rejects_bad_options(tiny_vits):
 
 @pytest.mark.parametrize("kind", ["dinov2_reg", "dinov3"])
 def test_pca_image_is_joint_pca_of_patch_tokens_in_unit_range(tiny_vits, kind):
-    bb = HFBackbone.from_pretrained(tiny_vits[kind])
+    bb = ViTBackbone.from_pretrained(tiny_vits[kind])
     x = _images(2, seed=2, channels=CHANNELS[kind])
     img = pca_image(bb, x)
     assert img.shape == (2, 7, 7, 3) and img.min() >= 0 and img.max() <= 1
@@ -397,12 +389,13 @@ def test_explain_linear_entry_by_name(built_linear_breast, tmp_path):
     _scan(tmp_path / "scan.png")
     files = explain("linear-dinov2-vits14-breastmnist", tmp_path / "scan.png", tmp_path / "out")
     s = json.loads(files["summary"].read_text())
-    assert s["kind"] == "vit" and s["grid"] == [4, 4]  # the conftest teacher has patch 7 on 28 px
-    assert np.load(files["maps"])["attention"].shape == (2, 4, 4)
+    # the conftest teacher has patch 7; linear-* entries see the image at DINOv2's 224 px: a 32 x 32 grid
+    assert s["kind"] == "vit" and s["grid"] == [32, 32]
+    assert np.load(files["maps"])["attention"].shape == (2, 32, 32)
 
 
 def test_zoo_explain_cam_for_a_cnn_run(tmp_path, capsys):
-    from training.build import train_config
+    from training.entries import train_config
 
     run = train_config("medalmighty/default.yaml",
                        tiny_overrides("baseline", "breastmnist", tmp_path / "runs", "train.epochs=1"), progress=False)
@@ -430,18 +423,19 @@ def test_zoo_explain_errors_say_what_to_do(tiny_vits, tmp_path, capsys):
     (tmp_path / "notes.png").write_text("not an image")
     ResNetConfig(hidden_sizes=[8], depths=[1]).save_pretrained(tmp_path / "resnet")
     vit = str(tiny_vits["dinov2"])
+    # exit status 2: the command was wrong (a name, an argument); 1: what it points at is not usable
     cases = [
-        ([vit, str(tmp_path / "notes.png")], "cannot read .*notes.png as an image.*PNG or JPEG"),
-        ([vit, str(tmp_path / "missing.png")], "image .*missing.png not found"),
-        (["dinomx-vitz-nosuchmnist", str(tmp_path / "scan.png")], "unknown zoo model"),
-        ([str(tmp_path / "nowhere"), str(tmp_path / "scan.png")], "model folder .*nowhere not found"),
-        ([str(tmp_path), str(tmp_path / "scan.png")], "has no config.json"),
-        ([str(tmp_path / "resnet"), str(tmp_path / "scan.png")], "no patch grid.*ViT"),
-        (["baseline-resnet18-breastmnist", str(tmp_path / "scan.png")], "zoo build baseline-resnet18-breastmnist"),
-        ([vit, str(tmp_path / "scan.png"), "--layer", "5"], "layer 5 does not exist"),
+        ([vit, str(tmp_path / "notes.png")], "cannot read .*notes.png as an image.*PNG or JPEG", 1),
+        ([vit, str(tmp_path / "missing.png")], "image .*missing.png not found", 1),
+        (["dinomx-vitz-nosuchmnist", str(tmp_path / "scan.png")], "unknown zoo model", 2),
+        ([str(tmp_path / "nowhere"), str(tmp_path / "scan.png")], "model folder .*nowhere not found", 1),
+        ([str(tmp_path), str(tmp_path / "scan.png")], "has no config.json", 1),
+        ([str(tmp_path / "resnet"), str(tmp_path / "scan.png")], "no patch grid.*ViT", 1),
+        (["baseline-resnet18-breastmnist", str(tmp_path / "scan.png")], "zoo build baseline-resnet18-breastmnist", 1),
+        ([vit, str(tmp_path / "scan.png"), "--layer", "5"], "layer 5 does not exist", 2),
     ]
-    for args, msg in cases:
-        assert zoo_main(["explain", *args, "--out", str(tmp_path / "o")]) == 2, args
+    for args, msg, status in cases:
+        assert zoo_main(["explain", *args, "--out", str(tmp_path / "o")]) == status, args
         err = capsys.readouterr().err.strip().splitlines()[-1]  # after any transformers loading bars
         assert err.startswith("zoo: error: ")
         assert re.search(msg, err), (args, err)

@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
 import torch.nn as nn
 
-from zoo.models import (
-    HFBackbone,
-    LinearClassifier,
-    backbone_normalisation,
-    create_student,
-    state_dict_sha256,
-)
-from zoo.registry import IMAGENET_MEAN, IMAGENET_STD
+from zoo.backbones import ViTBackbone
+from zoo.models import LinearClassifier, create_student, embed, state_dict_sha256
 
 
 def _record_stem(net: nn.Module) -> dict:
@@ -64,61 +57,8 @@ def test_student_init_is_seeded():
     assert state_dict_sha256(a) == state_dict_sha256(b)
 
 
-# --- transformers backbones ------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("pooling,dim", [("cls", 32), ("mean", 32), ("cls+mean", 64)])
-def test_hf_backbone_pooling(tiny_teacher_dir, pooling, dim):
-    bb = HFBackbone.from_pretrained(tiny_teacher_dir, pooling=pooling)
-    assert bb.embed_dim == dim and bb.num_register_tokens == 0 and bb.in_chans == 3
-    x = torch.rand(3, 3, 28, 28)
-    with torch.no_grad():
-        tokens = bb.model(pixel_values=x).last_hidden_state
-        out = bb(x)
-    assert tokens.shape == (3, 1 + 16, 32)  # CLS + (28 / 7)^2 patches
-    want = {"cls": tokens[:, 0], "mean": tokens[:, 1:].mean(1),
-            "cls+mean": torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], -1)}[pooling]
-    assert out.shape == (3, dim)
-    torch.testing.assert_close(out, want)
-
-
-def test_hf_backbone_skips_register_tokens(tiny_registers_teacher_dir):
-    bb = HFBackbone.from_pretrained(tiny_registers_teacher_dir, pooling="cls+mean")
-    assert bb.num_register_tokens == 2
-    x = torch.rand(2, 3, 28, 28)
-    with torch.no_grad():
-        tokens = bb.forward_features(x)
-        out = bb(x)
-    assert tokens.shape == (2, 1 + 2 + 16, 32)
-    torch.testing.assert_close(out, torch.cat([tokens[:, 0], tokens[:, 3:].mean(1)], -1))
-    # including the registers would give a different embedding: the test can tell them apart
-    assert not torch.allclose(out[:, 32:], tokens[:, 1:].mean(1))
-
-
-def test_hf_backbone_bad_pooling(tiny_teacher_dir):
-    with pytest.raises(ValueError, match="pooling must be"):
-        HFBackbone.from_pretrained(tiny_teacher_dir, pooling="max")
-
-
-def test_hf_backbone_dir_without_config(tmp_path):
-    (tmp_path / "model.safetensors").write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match="has no config.json"):
-        HFBackbone.from_pretrained(tmp_path)
-
-
-def test_hf_backbone_missing_source_says_what_to_do(tmp_path):
-    with pytest.raises(OSError, match="cannot load teacher backbone .*teacher.backbone=/path/to/model"):
-        HFBackbone.from_pretrained(tmp_path / "nope")
-
-
-def test_backbone_normalisation(tiny_teacher_dir, tmp_path):
-    assert backbone_normalisation(tiny_teacher_dir) == (IMAGENET_MEAN, IMAGENET_STD)
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.1] * 3, "image_std": [0.2] * 3}))
-    assert backbone_normalisation(tmp_path) == ((0.1,) * 3, (0.2,) * 3)
-
-
 def test_linear_classifier_contract(tiny_teacher_dir):
-    net = LinearClassifier(HFBackbone.from_pretrained(tiny_teacher_dir), num_outputs=4)
+    net = LinearClassifier(ViTBackbone.from_pretrained(tiny_teacher_dir), num_outputs=4)
     trainable = [n for n, p in net.named_parameters() if p.requires_grad]
     assert trainable == ["head.weight", "head.bias"]
     assert sum(p.numel() for p in net.parameters() if p.requires_grad) == 64 * 4 + 4
@@ -143,3 +83,15 @@ def test_state_dict_sha256_tracks_weights():
     h2 = state_dict_sha256(other)
     other.bn1.running_mean[0] += 1
     assert state_dict_sha256(other) != h2
+
+
+def test_students_answer_the_same_contract_as_probes():
+    torch.manual_seed(0)
+    net = create_student("resnet-test", 3, 1).eval()
+    x = torch.rand(2, 1, 28, 28)
+    with torch.no_grad():
+        feats = net.forward_features(x)
+        e = embed(net, x)
+        assert feats.shape[:2] == (2, 64) and e.shape == (2, 64)
+        torch.testing.assert_close(net.get_classifier()(e), net(x))
+        torch.testing.assert_close(net.forward_head(feats), net(x))

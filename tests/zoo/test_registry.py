@@ -41,7 +41,8 @@ def test_entry_fields_consistent(name):
     info = dataset_info(e.dataset)
     assert e.name == f"{e.method}-{e.arch}-{e.dataset}"
     assert (e.task, e.labels, e.license) == (info.task, info.labels, info.license)
-    assert e.input_size == 28
+    # Hub ViT probes see the image at DINOv2's own 224 px (the paper's); everything else at MedMNIST's 28.
+    assert e.input_size == (224 if e.method == "linear" else 28)
     assert len(e.mean) == len(e.std) == e.in_chans
     if e.method == "linear":
         assert e.arch in TEACHER_BACKBONES and not e.is_student

@@ -9,13 +9,13 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="a dinomx YAML (path, or relative to configs/, e.g. dinomx/dinov2.yaml)")
+    p.add_argument("config", help="a dinomx YAML (a path, or a shipped config such as dinomx/dinov2.yaml)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.epochs=10 model.backbone=vit-test")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def main(a: argparse.Namespace) -> str:
-    from training.dinomx.run import pretrain_config
+    from training.dinomx.recipe import pretrain_config
 
     d, m = pretrain_config(a.config, a.overrides, progress=not a.quiet)
     if m is None:

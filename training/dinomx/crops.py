@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from zoo.data import luma
+
 
 @dataclass(frozen=True)
 class CropConfig:
@@ -102,10 +104,8 @@ def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int, flip: torc
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
-    if x.shape[1] == 3:
-        w = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        return (x * w).sum(dim=1, keepdim=True)
-    return x.mean(dim=1, keepdim=True)
+    # The one RGB -> grey rule (ITU-R 601-2 luma, as Pillow's "L"); other channel counts average.
+    return luma(x) if x.shape[1] == 3 else x.mean(dim=1, keepdim=True)
 
 
 def _blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
@@ -179,9 +179,9 @@ class MultiCrop:
         self.cfg = cfg
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
-        c = x.shape[1]
-        mean = torch.tensor(self.cfg.mean if len(self.cfg.mean) == c else self.cfg.mean[:1] * c).view(1, c, 1, 1)
-        std = torch.tensor(self.cfg.std if len(self.cfg.std) == c else self.cfg.std[:1] * c).view(1, c, 1, 1)
+        # cfg.mean / cfg.std hold one value per channel (a zoo.data.Preprocess made them)
+        mean = torch.tensor(self.cfg.mean).view(1, -1, 1, 1)
+        std = torch.tensor(self.cfg.std).view(1, -1, 1, 1)
         return (x - mean.to(x)) / std.to(x)
 
     def __call__(self, images: torch.Tensor, g: torch.Generator, offset: int = 0, global_batch: int | None = None,

@@ -182,3 +182,32 @@ class GramLoss(nn.Module):
         s = F.normalize(student.float(), dim=-1)
         a = F.normalize(anchor.float(), dim=-1)
         return ((s @ s.transpose(1, 2) - a @ a.transpose(1, 2)) ** 2).mean()
+
+
+class FeatureDistillLoss(nn.Module):
+    """Feature distillation from a frozen backbone without DINO-MX heads: cosine distance of the student's
+    projected CLS and patch tokens to the teacher's.
+
+    Shapes: ``proj_cls`` (B, D_t) and ``proj_patches`` (B, N, D_t), the student's tokens through its
+    projector; ``t_cls`` (B, D_t) and ``t_patches`` (B, M, D_t) the teacher's. When the grids differ
+    (another patch size) the student's patches are resampled bilinearly to the teacher's grid::
+
+        loss = (1 - mean_b cos(proj_cls, t_cls)) + (1 - mean_{b, n} cos(proj_patches, t_patches))
+    """
+
+    def forward(self, proj_cls: torch.Tensor, proj_patches: torch.Tensor, t_cls: torch.Tensor,
+                t_patches: torch.Tensor) -> torch.Tensor:
+        cos_cls = 1 - F.cosine_similarity(proj_cls.float(), t_cls.float(), dim=-1).mean()
+        sp = _match_grid(proj_patches.float(), t_patches.shape[1])
+        cos_patch = 1 - F.cosine_similarity(sp, t_patches.float(), dim=-1).mean()
+        return cos_cls + cos_patch
+
+
+def _match_grid(tokens: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, N, D) patch tokens on a sqrt(N) grid -> (B, n, D) on a sqrt(n) grid (bilinear)."""
+    if tokens.shape[1] == n:
+        return tokens
+    b, m, d = tokens.shape
+    g, h = math.isqrt(m), math.isqrt(n)
+    grid = tokens.transpose(1, 2).reshape(b, d, g, g)
+    return F.interpolate(grid, size=(h, h), mode="bilinear", align_corners=False).reshape(b, d, n).transpose(1, 2)

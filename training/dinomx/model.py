@@ -7,15 +7,14 @@ copy updated by EMA (or, for distillation, a frozen larger backbone with its own
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 
-from training.dinomx.backbones import Encoder, attention_linear_names, block_index, blocks, patch_embedding
+from training.dinomx.config import HeadConfig
 from training.dinomx.heads import DINOHead
+from zoo.backbones import ViTBackbone, attention_linear_names, block_index, blocks, patch_embedding
 
 
 class SSLModel(nn.Module):
@@ -28,33 +27,32 @@ class SSLModel(nn.Module):
     ``masks``), and ``proj_cls``/``proj_patches`` for feature distillation.
     """
 
-    def __init__(self, encoder: Encoder, head_cfg: dict[str, Any], ibot_separate_head: bool = False,
-                 distill_dim: int | None = None):
+    def __init__(self, encoder: ViTBackbone, head: HeadConfig, distill_dim: int | None = None):
         super().__init__()
         self.encoder = encoder
-        kw = dict(out_dim=int(head_cfg["out_dim"]), hidden_dim=int(head_cfg["hidden_dim"]),
-                  bottleneck_dim=int(head_cfg["bottleneck_dim"]), nlayers=int(head_cfg["nlayers"]),
-                  norm_last_layer=bool(head_cfg["norm_last_layer"]))
-        self.dino_head = DINOHead(encoder.embed_dim, **kw)
-        self.ibot_head = DINOHead(encoder.embed_dim, **kw) if ibot_separate_head else None
-        self.projector = nn.Linear(encoder.embed_dim, distill_dim) if distill_dim else None
+        kw = dict(out_dim=head.out_dim, hidden_dim=head.hidden_dim, bottleneck_dim=head.bottleneck_dim,
+                  nlayers=head.nlayers, norm_last_layer=head.norm_last_layer)
+        d = encoder.hidden_size
+        self.dino_head = DINOHead(d, **kw)
+        self.ibot_head = DINOHead(d, **kw) if head.ibot_separate_head else None
+        self.projector = nn.Linear(d, distill_dim) if distill_dim else None
 
     def heads(self) -> list[DINOHead]:
         return [self.dino_head] + ([self.ibot_head] if self.ibot_head is not None else [])
 
     def forward(self, globals_: torch.Tensor, locals_: torch.Tensor | None = None,
                 masks: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
-        cls, patches = self.encoder(globals_, masks)
+        cls, patches = self.encoder.encode(globals_, masks)
         ibot_head = self.ibot_head or self.dino_head
         out: dict[str, torch.Tensor | None] = {"cls": cls, "patches": patches, "dino_global": self.dino_head(cls)}
         out["ibot"] = ibot_head(patches[masks]) if masks is not None else None
-        out["dino_local"] = self.dino_head(self.encoder(locals_)[0]) if locals_ is not None else None
+        out["dino_local"] = self.dino_head(self.encoder.encode(locals_)[0]) if locals_ is not None else None
         if self.projector is not None:
             out["proj_cls"], out["proj_patches"] = self.projector(cls), self.projector(patches)
         return out
 
 
-def freeze(encoder: Encoder, first_blocks: int = 0, patch_embed: bool = False) -> None:
+def freeze(encoder: ViTBackbone, first_blocks: int = 0, patch_embed: bool = False) -> None:
     """Freeze the patch embedding and/or the first ``first_blocks`` transformer blocks."""
     layers = blocks(encoder.model)
     if first_blocks > len(layers):
@@ -65,14 +63,14 @@ def freeze(encoder: Encoder, first_blocks: int = 0, patch_embed: bool = False) -
         patch_embedding(encoder.model)[2].requires_grad_(False)
 
 
-def apply_lora(encoder: Encoder, r: int = 8, alpha: int = 16, dropout: float = 0.0,
-               targets: list[str] | str = "auto") -> Encoder:
+def apply_lora(encoder: ViTBackbone, r: int = 8, alpha: int = 16, dropout: float = 0.0,
+               targets: list[str] | str = "auto") -> ViTBackbone:
     """Wrap the backbone with peft LoRA adapters on the attention projections; the rest is frozen.
 
     ``targets="auto"`` finds the projection names by structure (``q_proj``/``k_proj``/``v_proj`` in
     recent transformers, ``query``/``key``/``value`` in older ones), so it works across versions.
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # peft imports its own heavy stack: only when LoRA is asked for
 
     names = attention_linear_names(encoder.model) if targets == "auto" else list(targets)
     # Only q and v by default, as in the LoRA paper; "qkv" (fused) is taken whole.
@@ -83,12 +81,6 @@ def apply_lora(encoder: Encoder, r: int = 8, alpha: int = 16, dropout: float = 0
     return encoder
 
 
-def base_model(encoder: Encoder) -> nn.Module:
-    """The transformers model under any peft wrapper."""
-    m = encoder.model
-    return m.get_base_model() if hasattr(m, "get_base_model") and type(m).__module__.startswith("peft") else m
-
-
 def param_groups(model: SSLModel, layer_decay: float = 1.0) -> list[dict[str, Any]]:
     """Optimizer groups: layer-wise lr decay (``lr_scale``) and no weight decay on biases, norms, tokens.
 
@@ -96,7 +88,7 @@ def param_groups(model: SSLModel, layer_decay: float = 1.0) -> list[dict[str, An
     layer_decay ** (L + 1 - id)``. The loop sets ``lr = base * lr_scale`` and ``weight_decay`` from
     ``wd_on`` each step.
     """
-    base = base_model(model.encoder)
+    base = model.encoder.base_model()
     ids = block_index(base)
     n_layers = len(blocks(base))
     by_id = {id(p): ids[n] for n, p in base.named_parameters() if n in ids}
@@ -115,26 +107,10 @@ def param_groups(model: SSLModel, layer_decay: float = 1.0) -> list[dict[str, An
     return [groups[k] for k in sorted(groups)]
 
 
-def cosine(base: float, final: float, total: int, warmup: int = 0, start_warmup: float = 0.0) -> np.ndarray:
-    """Per-step values: linear warm-up from ``start_warmup`` to ``base`` over ``warmup`` steps, then
-    cosine from ``base`` to ``final`` (DINO's ``cosine_scheduler``, in steps)."""
-    warmup = min(warmup, total)
-    w = np.linspace(start_warmup, base, warmup, endpoint=False) if warmup else np.zeros(0)
-    t = np.arange(total - warmup)
-    c = final + 0.5 * (base - final) * (1 + np.cos(math.pi * t / max(1, len(t))))
-    return np.concatenate([w, c])
-
-
-def teacher_temperature(final: float, start: float, warmup: int, total: int) -> np.ndarray:
-    """Linear warm-up of the teacher temperature from ``start`` to ``final``, then constant."""
-    warmup = min(warmup, total)
-    return np.concatenate([np.linspace(start, final, warmup), np.full(total - warmup, final)])
-
-
 def peak_memory_mb(device: torch.device) -> float:
     """Peak memory of this process: CUDA allocator peak on GPUs, max resident set size on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
+    import resource  # POSIX only; CUDA devices never get here
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

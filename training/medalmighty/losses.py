@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-SIGMOID_TASKS = ("binary-class", "multi-label, binary-class")
+from zoo.tasks import get_task
 
 
 def task_loss(logits: torch.Tensor, targets: torch.Tensor, task: str) -> torch.Tensor:
@@ -16,7 +16,7 @@ def task_loss(logits: torch.Tensor, targets: torch.Tensor, task: str) -> torch.T
         logits: (N, K) with K = 1 for binary tasks, else the number of classes or labels.
         targets: (N, L) integer labels as MedMNIST stores them (L = 1 except multi-label).
     """
-    if task in SIGMOID_TASKS:
+    if get_task(task).sigmoid:
         return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype))
     return F.cross_entropy(logits, targets[:, 0])
 
@@ -31,7 +31,7 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, task: str, temperature
     """
     s = student.float() / temperature
     t = teacher.float() / temperature
-    if task in SIGMOID_TASKS:
+    if get_task(task).sigmoid:
         log_ps1, log_ps0 = F.logsigmoid(s), F.logsigmoid(-s)
         log_pt1, log_pt0 = F.logsigmoid(t), F.logsigmoid(-t)
         kl = log_pt1.exp() * (log_pt1 - log_ps1) + log_pt0.exp() * (log_pt0 - log_ps0)

@@ -4,6 +4,10 @@ MedAlmighty's teacher is frozen and its training data are not augmented, so its 
 split never change: computing them once makes a distillation epoch cost about a plain epoch.
 Cache keys hash the teacher weights (content, not file names), dataset, file size and input
 preprocessing; cache files live in ``$ZOO_HOME/.cache/teacher`` and are written atomically.
+
+A teacher sees the image at its own resolution (``teacher.input_size: null``): a transformers
+backbone's processor size (DINOv2's 224), else its config's ``image_size``; a zoo backbone's entry
+size. The student keeps its entry's size.
 """
 
 from __future__ import annotations
@@ -18,22 +22,26 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from training.loop import FitResult, fit
-from training.losses import MedAlmightyLoss
-from zoo import store
+import zoo.store as store
+from training.loop import FitSettings
+from training.medalmighty.config import MedAlmightyConfig
+from training.probe import Probe, linear_probe
+from zoo.backbones import ViTBackbone, backbone_normalisation
 from zoo.data import Preprocess, Split, fingerprint
 from zoo.inference import predict_logits
-from zoo.models import HFBackbone, backbone_normalisation, state_dict_sha256
+from zoo.loading import backbone_dir, load, load_backbone
+from zoo.models import state_dict_sha256
 from zoo.registry import registry
 
 
 @dataclass
 class Teacher:
-    backbone: HFBackbone
+    backbone: ViTBackbone
     prep: Preprocess
     source: str
     sha256: str
     head: nn.Linear | None = None  # set when the teacher is a built linear-probe zoo entry
+    resolution: str = ""  # where prep.input_size came from, for the card
 
 
 def cache_dir() -> Path:
@@ -48,50 +56,69 @@ def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
     store.write_atomic(path, lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, p))
 
 
-def load_teacher(cfg: dict[str, Any]) -> Teacher:
+def own_resolution(source: str | Path, backbone: ViTBackbone) -> tuple[int, str]:
+    """The resolution a transformers backbone was made for: its processor's crop (or resize) size,
+    else its config's ``image_size``; and a phrase saying which."""
+    p = Path(str(source)).expanduser() / "preprocessor_config.json"
+    if p.is_file():
+        proc = json.loads(p.read_text())
+        for key in ("crop_size", "size"):
+            v = proc.get(key)
+            size = v.get("height") or v.get("shortest_edge") if isinstance(v, dict) else v
+            if isinstance(size, int) and size > 0:
+                return size, f"the teacher's own resolution ({key} of its preprocessor_config.json)"
+    size = int(getattr(backbone.model.config, "image_size", 224) or 224)
+    return size, "the teacher's own resolution (image_size of its config.json)"
+
+
+def load_teacher(cfg: MedAlmightyConfig) -> Teacher:
     """The teacher named by ``teacher.backbone``: a built ``linear-*`` zoo entry (backbone and head),
-    a hub id, or a local transformers directory (backbone only; the probe is trained here)."""
-    t, d = cfg["teacher"], cfg["data"]
-    src = str(t["backbone"])
-    if src in registry() and not Path(src).exists() and registry()[src].method == "dinomx":
-        # A DINO-MX backbone from the zoo: its own channels and normalisation; the probe is trained here.
-        from zoo.api import load_backbone
-
-        backbone, p = load_backbone(src, pooling=t["pooling"])
-        prep = Preprocess(int(t["input_size"] or d["input_size"]), backbone.in_chans, p.mean, p.std, d["resize"])
-        return Teacher(backbone, prep, src, state_dict_sha256(backbone))
-    if (Path(src).expanduser() / "backbone" / "config.json").is_file():
-        src = str(Path(src).expanduser() / "backbone")  # a DINO-MX run folder
-    if src in registry() and not Path(src).exists():
-        from zoo.api import load
-
+    a built ``dinomx-*`` entry or DINO-MX run folder, a hub id, or a local transformers directory
+    (backbone only; the probe is trained here)."""
+    t, d = cfg.teacher, cfg.data
+    src = str(t.backbone)
+    reg = registry()
+    if src in reg and reg[src].method == "linear":
         zm = load(src)
-        if zm.entry.method != "linear":
-            raise ValueError(f"teacher.backbone={src} is a {zm.entry.method} entry; a teacher must be a linear-* entry "
-                             "or a transformers backbone (hub id or directory)")
-        if zm.entry.dataset != d["dataset"]:
-            raise ValueError(f"teacher {src} was trained on {zm.entry.dataset}, not {d['dataset']}")
+        if zm.entry.dataset != d.dataset:
+            raise ValueError(f"teacher {src} was trained on {zm.entry.dataset}, not {d.dataset}")
         net = zm.net
-        return Teacher(net.backbone, zm.entry.preprocess, src, state_dict_sha256(net), head=net.head)
-    backbone = HFBackbone.from_pretrained(src, pooling=t["pooling"], revision=t["revision"])
-    mean, std = backbone_normalisation(src, backbone.in_chans)
-    prep = Preprocess(int(t["input_size"] or d["input_size"]), backbone.in_chans, mean, std, d["resize"])
-    return Teacher(backbone, prep, src, state_dict_sha256(backbone))
+        return Teacher(net.backbone, zm.entry.preprocess, src, state_dict_sha256(net), head=net.head,
+                       resolution="the linear-probe entry's input size")
+    if src in reg and reg[src].method == "dinomx":
+        # A DINO-MX backbone from the zoo: its own channels and normalisation; the probe is trained here.
+        backbone, p = load_backbone(src, pooling=t.pooling)
+        size, why = (t.input_size, "teacher.input_size") if t.input_size else (p.input_size, "the entry's size")
+        return Teacher(backbone, Preprocess(size, backbone.in_chans, p.mean, p.std, d.resize), src,
+                       state_dict_sha256(backbone), resolution=why)
+    if src in reg:
+        raise ValueError(f"teacher.backbone={src} is a {reg[src].method} entry; a teacher must be a linear-* or "
+                         "dinomx-* entry, or a transformers backbone (hub id or directory)")
+    folder = backbone_dir(src)  # a DINO-MX run folder, or a transformers directory; None for a hub id
+    where = str(folder) if folder is not None else src
+    backbone = ViTBackbone.from_pretrained(where, pooling=t.pooling, revision=t.revision)
+    mean, std = backbone_normalisation(where, backbone.in_chans)
+    if t.input_size:
+        size, why = t.input_size, "teacher.input_size"
+    else:
+        size, why = own_resolution(where, backbone)
+    return Teacher(backbone, Preprocess(size, backbone.in_chans, mean, std, d.resize), src,
+                   state_dict_sha256(backbone), resolution=why)
 
 
 @torch.no_grad()
-def features(teacher: Teacher, splits: dict[str, Split], cfg: dict[str, Any], progress: bool = True
+def features(teacher: Teacher, splits: dict[str, Split], cfg: MedAlmightyConfig, progress: bool = True
              ) -> dict[str, torch.Tensor]:
     """Pooled backbone features (N, D) per split, from the cache when the same teacher saw the same data."""
-    d = cfg["data"]
-    key = _key(kind="features", backbone=teacher.sha256, dataset=d["dataset"], size=d["size"],
+    d = cfg.data
+    key = _key(kind="features", backbone=teacher.sha256, dataset=d.dataset, size=d.size,
                data=fingerprint(splits), prep=asdict(teacher.prep), pooling=teacher.backbone.pooling)
     path = cache_dir() / f"features-{key}.safetensors"
     if path.is_file():
         cached = load_file(path)
         if all(s in cached and cached[s].shape[0] == len(splits[s]) for s in splits):
             return {s: cached[s] for s in splits}
-    bs = int(cfg["teacher"]["batch_size"])
+    bs = cfg.teacher.batch_size
     out = {name: predict_logits(teacher.backbone, split.images, teacher.prep, bs,
                                 desc=f"teacher features ({name})" if progress else None)
            for name, split in splits.items()}
@@ -99,25 +126,29 @@ def features(teacher: Teacher, splits: dict[str, Split], cfg: dict[str, Any], pr
     return out
 
 
-def train_probe(feats: dict[str, torch.Tensor], splits: dict[str, Split], task: str, num_outputs: int,
-                cfg: dict[str, Any], generator: torch.Generator, progress: bool = True) -> tuple[nn.Linear, FitResult]:
+def probe_settings(cfg: MedAlmightyConfig, progress: bool) -> FitSettings:
+    """The teacher's linear head is trained with the ``probe`` section (no augmentation, no amp)."""
+    p = cfg.probe
+    return FitSettings(epochs=p.epochs, batch_size=p.batch_size, optimizer=p.optimizer, lr=p.lr,
+                       weight_decay=p.weight_decay, schedule=p.schedule, progress=progress)
+
+
+def train_probe(feats: dict[str, torch.Tensor], splits: dict[str, Split], task: str, n_labels: int,
+                cfg: MedAlmightyConfig, generator: torch.Generator, progress: bool = True) -> Probe:
     """The teacher's linear head on frozen features, selected on validation AUC."""
-    p = dict(cfg["probe"], progress=progress)
-    head = nn.Linear(feats["train"].shape[1], num_outputs)
-    res = fit(head, (feats["train"], splits["train"].labels), (feats["val"], splits["val"].labels), task=task,
-              cfg=p, loss_fn=MedAlmightyLoss(task, alpha=1.0), generator=generator, desc="linear probe")
-    return res.model, res
+    labels = {s: sp.labels for s, sp in splits.items()}
+    return linear_probe(feats, labels, task, n_labels, probe_settings(cfg, progress), generator)
 
 
 @torch.no_grad()
-def teacher_logits(teacher: Teacher, head: nn.Linear, feats: dict[str, torch.Tensor], cfg: dict[str, Any]
+def teacher_logits(teacher: Teacher, head: nn.Linear, feats: dict[str, torch.Tensor], cfg: MedAlmightyConfig
                    ) -> dict[str, torch.Tensor]:
     """Teacher logits per split, cached under the hash of head weights and of the features they read
     (which already carry the backbone, data and preprocessing)."""
-    d = cfg["data"]
+    d = cfg.data
     feat_sha = hashlib.sha256(b"".join(feats[s].contiguous().numpy().tobytes() for s in sorted(feats))).hexdigest()
-    key = _key(kind="logits", backbone=teacher.sha256, head=state_dict_sha256(head), dataset=d["dataset"],
-               size=d["size"], features=feat_sha, prep=asdict(teacher.prep), pooling=teacher.backbone.pooling)
+    key = _key(kind="logits", backbone=teacher.sha256, head=state_dict_sha256(head), dataset=d.dataset,
+               size=d.size, features=feat_sha, prep=asdict(teacher.prep), pooling=teacher.backbone.pooling)
     path = cache_dir() / f"logits-{key}.safetensors"
     if path.is_file():
         cached = load_file(path)

@@ -9,23 +9,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.dinomx.backbones import (
+from training.dinomx.config import HeadConfig
+from training.dinomx.crops import CropConfig, MultiCrop, guide_boxes, sample_boxes
+from training.dinomx.heads import DINOHead
+from training.dinomx.losses import DINOLoss, GramLoss, IBOTPatchLoss, KoLeoLoss, sinkhorn_knopp
+from training.dinomx.masking import batch_masks, block_mask
+from training.dinomx.model import SSLModel, apply_lora, freeze, param_groups
+from training.schedules import cosine, teacher_temperature
+from zoo.backbones import (
     NAMED_CONFIGS,
     BackboneError,
-    Encoder,
+    ViTBackbone,
     adapt_channels,
     attention_linear_names,
     blocks,
     create_model,
     patch_embedding,
 )
-from training.dinomx.crops import CropConfig, MultiCrop, guide_boxes, sample_boxes
-from training.dinomx.heads import DINOHead
-from training.dinomx.losses import DINOLoss, GramLoss, IBOTPatchLoss, KoLeoLoss, sinkhorn_knopp
-from training.dinomx.masking import batch_masks, block_mask
-from training.dinomx.model import SSLModel, apply_lora, cosine, freeze, param_groups, teacher_temperature
 
 HEAD = {"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16, "nlayers": 3, "norm_last_layer": True}
+HEAD_CONFIG = HeadConfig(**HEAD, ibot_separate_head=False)
 
 
 # -- head ----------------------------------------------------------------------------------------
@@ -115,8 +118,8 @@ def test_masked_patches_reach_the_student_masked():
     """Pixels under masked patches cannot influence anything: the mask token replaced them."""
     torch.manual_seed(0)
     for name in ("vit-test", "dinov3-test", "hfvit-test", "vitreg-test"):
-        enc = Encoder(create_model(name, in_chans=1))
-        model = SSLModel(enc, HEAD).eval()
+        enc = ViTBackbone(create_model(name, in_chans=1), pooling="cls")
+        model = SSLModel(enc, HEAD_CONFIG).eval()
         x = torch.randn(2, 1, 28, 28)
         masks = torch.zeros(2, 49, dtype=torch.bool)
         masks[:, [0, 8, 30]] = True  # patches (0,0), (1,1), (4,2) of the 7 x 7 grid
@@ -237,10 +240,10 @@ def test_multicrop_label_guided_share():
 # -- backbones -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["vit-test", "dinov3-test", "vitreg-test", "hfvit-test"])
 def test_named_backbones_give_cls_and_patches_without_registers(name):
-    enc = Encoder(create_model(name, in_chans=3))
-    cls, patches = enc(torch.randn(2, 3, 28, 28))
+    enc = ViTBackbone(create_model(name, in_chans=3), pooling="cls")
+    cls, patches = enc.encode(torch.randn(2, 3, 28, 28))
     assert cls.shape == (2, 32) and patches.shape == (2, 49, 32)
-    cls12, p12 = enc(torch.randn(2, 3, 12, 12))  # local crops: other resolution, same model
+    cls12, p12 = enc.encode(torch.randn(2, 3, 12, 12))  # local crops: other resolution, same model
     assert p12.shape == (2, 9, 32)
 
 
@@ -285,7 +288,7 @@ def test_named_configs_are_all_buildable_quickly():
 # -- strategies ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["vit-test", "dinov3-test", "hfvit-test"])
 def test_lora_targets_found_by_structure_and_train_few_parameters(name):
-    enc = Encoder(create_model(name))
+    enc = ViTBackbone(create_model(name), pooling="cls")
     assert set(attention_linear_names(enc.model)) >= {"q_proj", "v_proj"} or \
         set(attention_linear_names(enc.model)) >= {"query", "value"}
     total = sum(p.numel() for p in enc.parameters())
@@ -293,12 +296,12 @@ def test_lora_targets_found_by_structure_and_train_few_parameters(name):
     trainable = sum(p.numel() for p in enc.parameters() if p.requires_grad)
     assert 0 < trainable * 10 <= total
     assert all("lora_" in n for n, p in enc.named_parameters() if p.requires_grad)
-    cls, patches = enc(torch.randn(1, 3, 28, 28))  # still runs, masks included
+    cls, patches = enc.encode(torch.randn(1, 3, 28, 28))  # still runs, masks included
     assert patches.shape == (1, 49, 32)
 
 
 def test_freeze_first_blocks_and_patch_embedding():
-    enc = Encoder(create_model("vit-test"))
+    enc = ViTBackbone(create_model("vit-test"), pooling="cls")
     freeze(enc, first_blocks=1, patch_embed=True)
     layers = blocks(enc.model)
     assert not any(p.requires_grad for p in layers[0].parameters())
@@ -309,7 +312,7 @@ def test_freeze_first_blocks_and_patch_embedding():
 
 
 def test_param_groups_layer_decay_and_no_weight_decay_on_1d():
-    model = SSLModel(Encoder(create_model("vit-test")), HEAD)
+    model = SSLModel(ViTBackbone(create_model("vit-test"), pooling="cls"), HEAD_CONFIG)
     groups = param_groups(model, layer_decay=0.5)
     n = sum(len(g["params"]) for g in groups)
     assert n == sum(1 for p in model.parameters() if p.requires_grad)

@@ -12,7 +12,8 @@ import torch
 from conftest import OFFLINE_ENV, THREADS_ENV
 
 from training.config import ConfigError, load_config
-from training.dinomx.train import PretrainData, Pretrainer, run
+from training.dinomx.data import PretrainData
+from training.dinomx.recipe import Pretraining, run
 
 TINY = ["model.backbone=vit-test", "head.out_dim=64", "head.hidden_dim=32", "head.bottleneck_dim=16",
         "optim.batch_size=8", "optim.steps=4", "crops.local_number=2", "log.progress=false", "log.every=1",
@@ -26,7 +27,7 @@ def tiny_cfg(*extra: str, preset: str = "dinomx/default.yaml") -> dict:
 @pytest.mark.parametrize("preset", ["dinomx/dino.yaml", "dinomx/dinov2.yaml", "dinomx/dinov3.yaml"])
 def test_presets_train_with_their_losses(preset, tmp_path):
     cfg = tiny_cfg(preset=preset)
-    pt = Pretrainer(cfg)
+    pt = Pretraining(cfg)
     pt.fit(tmp_path / "ckpt", progress=False)
     keys = set().union(*(h.keys() for h in pt.history))
     assert "dino" in keys
@@ -39,9 +40,9 @@ def test_presets_train_with_their_losses(preset, tmp_path):
 
 def test_ema_teacher_follows_the_student_with_the_momentum(tmp_path):
     cfg = tiny_cfg("optim.steps=1", "optim.momentum_teacher=0.5", "optim.momentum_teacher_end=0.5")
-    pt = Pretrainer(cfg)
+    pt = Pretraining(cfg)
     before_t = {k: v.clone() for k, v in pt.teacher.state_dict().items()}
-    pt.train_step(0)
+    pt.fit(None, progress=False, stop_after=1)  # one step (there is no train_step any more)
     s, t = pt.student.state_dict(), pt.teacher.state_dict()
     name = "encoder.model.encoder.layer.0.attention.q_proj.weight"
     name = name if name in s else next(k for k in s if k.endswith("weight") and "layer.0" in k)
@@ -53,9 +54,9 @@ def test_unknown_keys_and_small_data_are_clear_errors():
     with pytest.raises(ConfigError, match="unknown config key"):
         tiny_cfg("optim.learning_rate=1")
     with pytest.raises(ConfigError, match="fewer than optim.batch_size"):
-        Pretrainer(tiny_cfg("optim.batch_size=512"))
+        Pretraining(tiny_cfg("optim.batch_size=512"))
     with pytest.raises(ValueError, match="centering"):
-        Pretrainer(tiny_cfg("dino.centering=mean"))
+        Pretraining(tiny_cfg("dino.centering=mean"))
 
 
 def test_zoo_pretrain_writes_a_backbone_that_plain_transformers_loads(tmp_path):
@@ -105,7 +106,7 @@ def test_zoo_pretrain_writes_a_backbone_that_plain_transformers_loads(tmp_path):
 
 
 def test_dinomx_entry_builds_and_teaches_a_medalmighty_student(tmp_path):
-    from training.build import train_config
+    from training.entries import train_config
     from zoo.api import build, load, load_backbone
     from zoo.registry import get_entry
 
@@ -138,7 +139,7 @@ def test_distillation_from_a_dinomx_teacher_and_from_a_plain_hf_backbone(tmp_pat
     run(teacher_cfg, tmp_path / "teacher", tmp_path / "teacher" / "ckpt", progress=False)
 
     cfg = tiny_cfg(f"strategy.distill.teacher={tmp_path / 'teacher'}", "optim.steps=2")
-    pt = Pretrainer(cfg)
+    pt = Pretraining(cfg)
     assert pt.distill_mode == "dino"  # the teacher has DINO-MX heads: DINOv2-style distillation
     frozen = {k: v.clone() for k, v in pt.teacher.state_dict().items()}
     pt.fit(None, progress=False)
@@ -148,22 +149,22 @@ def test_distillation_from_a_dinomx_teacher_and_from_a_plain_hf_backbone(tmp_pat
     # a plain transformers backbone (no heads, 3 channels, patch 7): feature distillation through a projector
     cfg = tiny_cfg(f"strategy.distill.teacher={tiny_teacher_dir}", "optim.steps=2", "crops.global_size=28",
                    "crops.local_size=14")
-    pt = Pretrainer(cfg)
+    pt = Pretraining(cfg)
     assert pt.distill_mode == "feature" and pt.student.projector is not None
     pt.fit(None, progress=False)
     assert np.isfinite(pt.history[-1]["distill"])
     with pytest.raises(ConfigError, match="needs a teacher with DINO-MX heads"):
-        Pretrainer(tiny_cfg(f"strategy.distill.teacher={tiny_teacher_dir}", "strategy.distill.loss=dino"))
+        Pretraining(tiny_cfg(f"strategy.distill.teacher={tiny_teacher_dir}", "strategy.distill.loss=dino"))
 
 
 def test_lora_and_frozen_runs_report_trainable_parameters(tmp_path):
-    full = Pretrainer(tiny_cfg()).params
-    lora = Pretrainer(tiny_cfg("strategy.lora.enabled=true", "strategy.lora.r=2")).params
-    frozen = Pretrainer(tiny_cfg("strategy.freeze.blocks=1", "strategy.freeze.patch_embed=true")).params
+    full = Pretraining(tiny_cfg()).params
+    lora = Pretraining(tiny_cfg("strategy.lora.enabled=true", "strategy.lora.r=2")).params
+    frozen = Pretraining(tiny_cfg("strategy.freeze.blocks=1", "strategy.freeze.patch_embed=true")).params
     assert full["backbone_trainable"] == full["backbone_total"]
     assert lora["backbone_trainable"] * 10 <= full["backbone_trainable"]
     assert 0 < frozen["backbone_trainable"] < full["backbone_trainable"]
-    pt = Pretrainer(tiny_cfg("strategy.lora.enabled=true", "strategy.lora.r=2", "optim.steps=2"))
+    pt = Pretraining(tiny_cfg("strategy.lora.enabled=true", "strategy.lora.r=2", "optim.steps=2"))
     pt.fit(None, progress=False)
     out = pt.save_outputs(tmp_path)  # adapters merged: a plain transformers model comes out
     from transformers import AutoModel
@@ -179,17 +180,17 @@ def test_label_guided_regions_from_a_file(tmp_path):
     boxes = np.full((n, 4), np.nan, dtype=np.float32)
     boxes[::2] = [4, 4, 12, 12]
     np.save(tmp_path / "boxes.npy", boxes)
-    pt = Pretrainer(tiny_cfg(f"data.regions={tmp_path / 'boxes.npy'}", "crops.label_guided=1.0", "optim.steps=1"))
+    pt = Pretraining(tiny_cfg(f"data.regions={tmp_path / 'boxes.npy'}", "crops.label_guided=1.0", "optim.steps=1"))
     assert pt.data.regions is not None and pt.data.regions.shape == (n, 4)
     pt.fit(None, progress=False)
     np.save(tmp_path / "bad.npy", boxes[:10])
     with pytest.raises(ConfigError, match="must hold an"):
-        Pretrainer(tiny_cfg(f"data.regions={tmp_path / 'bad.npy'}"))
+        Pretraining(tiny_cfg(f"data.regions={tmp_path / 'bad.npy'}"))
 
 
 def test_pretraining_on_given_images_with_rgb_data():
     imgs = torch.randint(0, 256, (16, 3, 28, 28), dtype=torch.uint8)
-    pt = Pretrainer(tiny_cfg("optim.steps=2", "model.backbone=dinov3-test"), data=PretrainData(imgs))
+    pt = Pretraining(tiny_cfg("optim.steps=2", "model.backbone=dinov3-test"), data=PretrainData(imgs))
     assert pt.in_chans == 3
     pt.fit(None, progress=False)
     assert len(pt.history) == 2

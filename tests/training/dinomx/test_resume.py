@@ -18,6 +18,8 @@ import torch
 from conftest import OFFLINE_ENV, REPO, THREADS_ENV
 from safetensors.torch import load_file
 
+from training import checkpoint
+
 STEPS = 10
 TINY = ["model.backbone=vit-test", "head.out_dim=64", "head.hidden_dim=32", "head.bottleneck_dim=16",
         "optim.batch_size=8", f"optim.steps={STEPS}", "crops.local_number=2", "log.every=1", "eval.linear=false",
@@ -44,7 +46,7 @@ def _checkpoint_step(path: Path) -> int:
     """Step of the checkpoint at ``path`` (0 when there is none yet); written atomically, so never half a file."""
     if not path.is_file():
         return 0
-    return int(torch.load(path, map_location="cpu", weights_only=True)["step"])
+    return int(checkpoint.load(path)["step"])  # checksummed format: never torch.load directly
 
 
 @pytest.mark.slow
@@ -76,7 +78,7 @@ def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path):
         assert wa.keys() == wb.keys()
         for k in wa:
             torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6, msg=f"{f}:{k} (killed at {kill_at})")
-    ca, cb = (torch.load(d / "checkpoints" / "last.pt", map_location="cpu", weights_only=True) for d in (a, b))
+    ca, cb = (checkpoint.load(d / "checkpoints" / "last.pt") for d in (a, b))
     assert ca["step"] == cb["step"] == STEPS
     for part in ("student", "teacher", "gram_anchor"):
         assert ca[part].keys() == cb[part].keys()
