@@ -22,22 +22,27 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+	$(BIN)/python .ci/import_cycles.py
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+	$(BIN)/python .ci/import_cycles.py
 
+# Benchmarks are scripts of the checkout that import the installed package (python -m from the repo root).
 bench: $(VENV)/.installed
-	$(BIN)/python benchmarks/baseline_resnet18_28.py
-	$(BIN)/python benchmarks/distill_overhead.py
-	$(BIN)/python benchmarks/export_latency.py
-	$(BIN)/python benchmarks/dinomx_knn.py --build
-	$(BIN)/python benchmarks/dinomx_strategies.py
-	$(BIN)/python benchmarks/dinomx_vs_lightly.py
-	$(BIN)/python benchmarks/dinomx_pointing.py
-	$(BIN)/python benchmarks/serve_load.py
-	$(BIN)/python benchmarks/serve_load.py --precision int8 --out benchmarks/results/serve_load_int8
-	$(BIN)/python benchmarks/report.py
+	$(BIN)/python -m benchmarks.baseline_resnet18_28
+	$(BIN)/python -m benchmarks.distill_overhead
+	$(BIN)/python -m benchmarks.export_latency
+	$(BIN)/python -m benchmarks.dinomx_knn --build
+	$(BIN)/python -m benchmarks.dinomx_strategies
+	$(BIN)/python -m benchmarks.dinomx_vs_lightly
+	$(BIN)/python -m benchmarks.dinomx_pointing
+	$(BIN)/python -m benchmarks.serve_load
+	$(BIN)/python -m benchmarks.serve_load --format onnx-int8 --out benchmarks/results/serve_load_int8
+	$(BIN)/python -m benchmarks.report
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,6 +1,6 @@
 """Regenerate the README's results section from ``benchmarks/results/*.json`` (figures never typed in).
 
-    python benchmarks/report.py          # rewrites the block between the results markers in README.md
+    python -m benchmarks.report          # rewrites the block between the results markers in README.md
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 def baseline_table(p: Path = RESULTS / "baseline_resnet18_28.json") -> list[str]:
     if not p.is_file():
-        return ["_Not run yet: `python benchmarks/baseline_resnet18_28.py`._"]
+        return ["_Not run yet: `python -m benchmarks.baseline_resnet18_28`._"]
     r = json.loads(p.read_text())
     env = r["env"]
     out = [f"Baseline ResNet-18 at 28 px on {env['cpu_threads']} CPU threads, next to {r['reference']} "
@@ -37,7 +37,7 @@ def baseline_table(p: Path = RESULTS / "baseline_resnet18_28.json") -> list[str]
 def _distill() -> list[str]:
     p = RESULTS / "distill_overhead.json"
     if not p.is_file():
-        return ["_Not run yet: `python benchmarks/distill_overhead.py`._"]
+        return ["_Not run yet: `python -m benchmarks.distill_overhead`._"]
     r = json.loads(p.read_text())
     return [f"Distillation cost ({r['arch']} on {r['dataset']}, teacher {r['teacher']}): median epoch "
             f"{r['median_distill_epoch_s']:.2f} s distilled vs {r['median_plain_epoch_s']:.2f} s plain, "
@@ -48,7 +48,7 @@ def _distill() -> list[str]:
 def _export() -> list[str]:
     p = RESULTS / "export_latency.md"  # written by benchmarks/export_latency.py
     if not p.is_file():
-        return ["_Not run yet: `python benchmarks/export_latency.py`._"]
+        return ["_Not run yet: `python -m benchmarks.export_latency`._"]
     return ["Export (`benchmarks/export_latency.py`): batch-1 CPU latency side by side, and test accuracy "
             "through onnxruntime.", "", *p.read_text().strip().splitlines()]
 

@@ -27,10 +27,10 @@ The script builds nothing: it serves a built zoo entry (default the 28 px studen
 
 Each phase stops at its request count or at ``--max-seconds``, whichever comes first.
 
-    python benchmarks/serve_load.py                                  # 6000 saturated, 2 x 3000 paced, large
-    python benchmarks/serve_load.py --duration 600                   # the 10-minute memory run
-    python benchmarks/serve_load.py --precision int8 --out benchmarks/results/serve_load_int8
-    python benchmarks/serve_load.py --large-only --out /tmp/serve_large   # only the large-image burst (~1 min)
+    python -m benchmarks.serve_load                                  # 6000 saturated, 2 x 3000 paced, large
+    python -m benchmarks.serve_load --duration 600                   # the 10-minute memory run
+    python -m benchmarks.serve_load --format onnx-int8 --out benchmarks/results/serve_load_int8
+    python -m benchmarks.serve_load --large-only --out /tmp/serve_large   # only the large-image burst (~1 min)
 
 Writes ``benchmarks/results/serve_load.{json,md}`` (``--out`` to change).
 """
@@ -44,21 +44,18 @@ import io
 import json
 import os
 import platform
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import zoo.store as store
+from export.formats import FORMATS, SERVABLE, servable_for_precision
+from serving.local import LocalServer
 
-from zoo import store  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TARGET_RATIO = 0.8
 TARGET_P99_MS = 50.0
@@ -125,70 +122,17 @@ def direct_onnxruntime(model_path: Path, x: np.ndarray, threads: int, batch: int
 # ----------------------------------------------------------------------------------------- server
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(name: str, port: int, a, log: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "serving", name, "--port", str(port), "--max-batch-size", str(a.max_batch_size),
-           "--max-latency-ms", str(a.max_latency_ms), "--threads", str(a.threads), "--precision", a.precision]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "BENTOML_DO_NOT_TRACK": "true"}
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 600) -> dict:
-    import urllib.request
-
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with status {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/models", timeout=5) as r:
-                listing = json.loads(r.read())
-            if listing["status"] == "ready":
-                return listing
-            if listing["status"] == "failed":
-                raise RuntimeError(listing["error"])
-        except OSError:
-            pass
-        time.sleep(0.25)
-    raise TimeoutError(f"the server was not ready after {timeout} s")
-
-
-def stop_server(proc: subprocess.Popen, children: list[int]) -> None:
-    """SIGTERM to the launcher (it stops its worker); then make sure every process it started is gone."""
-    import psutil
-
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    for pid in children:
-        try:
-            psutil.Process(pid).kill()
-        except psutil.Error:
-            pass
-
-
-def server_processes(proc: subprocess.Popen) -> list:
-    import psutil
-
-    root = psutil.Process(proc.pid)
-    return [root, *root.children(recursive=True)]
+def server_args(a) -> list[str]:
+    """The ``zoo serve`` options of this benchmark's server."""
+    return ["--max-batch-size", str(a.max_batch_size), "--max-latency-ms", str(a.max_latency_ms),
+            "--threads", str(a.threads), "--format", a.format]
 
 
 class RssSampler:
     """Resident memory of the server: the launcher (``python -m serving``) and its worker(s), on a timer."""
 
-    def __init__(self, proc: subprocess.Popen, every: float):
-        self.proc, self.every = proc, every
+    def __init__(self, srv: LocalServer, every: float):
+        self.srv, self.every = srv, every
         self.samples: list[dict] = []
         self._t0 = time.monotonic()
 
@@ -196,7 +140,7 @@ class RssSampler:
         import psutil
 
         mb = {}
-        for i, p in enumerate(server_processes(self.proc)):
+        for i, p in enumerate(self.srv.processes()):
             try:
                 mb["launcher" if i == 0 else f"worker{i}"] = round(p.memory_info().rss / 2**20, 1)
             except psutil.Error:
@@ -341,11 +285,11 @@ def large_png(image: np.ndarray, size: int) -> bytes:
     return buf.getvalue()
 
 
-def worker_rss_mb(proc: subprocess.Popen) -> float:
+def worker_rss_mb(srv: LocalServer) -> float:
     import psutil
 
     total = 0.0
-    for p in server_processes(proc)[1:]:
+    for p in srv.processes()[1:]:
         try:
             total += p.memory_info().rss / 2**20
         except psutil.Error:
@@ -353,18 +297,18 @@ def worker_rss_mb(proc: subprocess.Popen) -> float:
     return round(total, 1)
 
 
-async def large_image_phase(url: str, name: str, proc: subprocess.Popen, body: bytes, label: str, clients: int,
+async def large_image_phase(url: str, name: str, srv: LocalServer, body: bytes, label: str, clients: int,
                             settle: float) -> dict:
     """``clients`` concurrent posts of one large PNG; the worker's RSS before, at its peak, and after settling."""
     import aiohttp
 
-    before = worker_rss_mb(proc)
+    before = worker_rss_mb(srv)
     peak, stop = before, asyncio.Event()
 
     async def sample() -> None:
         nonlocal peak
         while not stop.is_set():
-            peak = max(peak, worker_rss_mb(proc))
+            peak = max(peak, worker_rss_mb(srv))
             await asyncio.sleep(0.05)
 
     statuses: dict[str, int] = {}
@@ -394,7 +338,7 @@ async def large_image_phase(url: str, name: str, proc: subprocess.Popen, body: b
     await asyncio.sleep(settle)
     stop.set()
     await sampler
-    after = worker_rss_mb(proc)
+    after = worker_rss_mb(srv)
     peak = max(peak, after)
     return {"clients": clients, "png_bytes": len(body), "statuses": statuses, "labels_agree_with_28px": labels_agree,
             "burst_seconds": round(burst_s, 2), "settle_seconds": settle,
@@ -420,10 +364,11 @@ def large_markdown(g: dict, size: int) -> str:
 def markdown(r: dict) -> str:
     sat, d, m, c = r["saturated"], r["direct_onnxruntime"], r["rss"], r["config"]
     w = m["worker"]
+    served = c.get("format") or servable_for_precision(c["precision"])  # results from before --format say precision
     row = ("| {phase} | {requests} | {errors} | {seconds} | {throughput_rps} | {p50_ms} | {p90_ms} | {p99_ms} | "
            "{max_ms} |")
     lines = [
-        f"`zoo serve {r['model']} --precision {c['precision']}` ({r['backend']} on `{r['bundle']}`, max batch "
+        f"`zoo serve {r['model']} --format {served}` ({r['backend']} on `{r['bundle']}`, max batch "
         f"{c['max_batch_size']}, max latency "
         f"{c['max_latency_ms']} ms, {c['threads']} runtime thread(s)) on {r['host']['cpu_count']} CPU cores shared "
         f"with {r['clients']} concurrent loopback clients (aiohttp, one process); PNG test images of {r['dataset']} to "
@@ -488,8 +433,10 @@ def main() -> None:
                     help="paced phases: offered rates as fractions of direct batch-1 onnxruntime (default 0.5,0.8)")
     ap.add_argument("--max-seconds", type=float, default=900, help="hard bound on each phase")
     ap.add_argument("--images", type=int, default=512, help="distinct test images cycled through")
-    ap.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
-                    help="ONNX bundle served and measured directly (zoo serve --precision)")
+    ap.add_argument("--format", choices=SERVABLE, default=None,
+                    help="export format served and measured directly (zoo serve --format; default onnx)")
+    ap.add_argument("--precision", choices=("fp32", "fp16", "int8"), default=None,
+                    help="the same choice in precision words (int8 = --format onnx-int8)")
     ap.add_argument("--max-batch-size", type=int, default=32)
     ap.add_argument("--max-latency-ms", type=int, default=10_000)
     ap.add_argument("--threads", type=int, default=0, help="server runtime threads (default: the server's own)")
@@ -504,12 +451,15 @@ def main() -> None:
                     help="run only the large-image phase (no direct baseline, saturated or paced phases)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_load"))
     a = ap.parse_args()
+    # One vocabulary: the format decides; precision words (the results files' "precision") follow from it.
+    a.format = a.format or (servable_for_precision(a.precision) if a.precision else "onnx")
+    a.precision = FORMATS[a.format].precision
 
     from serving.runtime import default_threads, ensure_onnx
 
     threads = a.direct_threads or os.cpu_count() or 1  # the strongest single-process baseline
     server_threads = a.threads or default_threads()
-    bundle = ensure_onnx(a.model, print, a.precision)
+    bundle = ensure_onnx(a.model, print, a.format)
     pngs, labels, x = workload(a.model, a.images, None if a.precision == "fp32" else bundle)
     if a.large_only:
         return large_only(a, pngs, labels)
@@ -525,19 +475,16 @@ def main() -> None:
     print(f"direct: {before['batch1']['images_per_s']} img/s (batch 1), {before['batched']['images_per_s']} img/s "
           f"(batch {a.max_batch_size}); paced phases at {rates} req/s", flush=True)
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     log = Path(tempfile.mkdtemp(prefix="serve-load-")) / "server.log"
-    proc = start_server(a.model, port, a, log)
-    children: list[int] = []
+    srv = LocalServer([a.model], server_args(a), log=log, cwd=ROOT)
+    url = srv.url
     try:
         t0 = time.monotonic()
-        listing = wait_ready(url, proc)
-        procs = server_processes(proc)
-        children = [p.pid for p in procs[1:]]
+        listing = srv.wait_ready()
+        procs = srv.processes()
         print(f"server ready in {time.monotonic() - t0:.1f} s (log {log}); {a.clients} clients, saturated for "
               f"{f'{a.duration:.0f} s' if a.duration else f'{a.requests} requests'}, then paced ...", flush=True)
-        sampler = RssSampler(proc, a.rss_every)
+        sampler = RssSampler(srv, a.rss_every)
         m0, cpu0 = batch_metrics(url), cpu_seconds(procs)
         # This process holds torch and the zoo (~500k long-lived objects): each full collection walks
         # them all and stalls every client for a few hundred ms, which would show up as server latency.
@@ -548,10 +495,10 @@ def main() -> None:
         large = None
         if a.large_clients:
             print(f"large-image phase: {a.large_clients} concurrent {a.large_size}² PNGs ...", flush=True)
-            large = asyncio.run(large_image_phase(url, a.model, proc, large_png(_first_image(pngs), a.large_size),
+            large = asyncio.run(large_image_phase(url, a.model, srv, large_png(_first_image(pngs), a.large_size),
                                                   labels[0], a.large_clients, a.large_settle))
     finally:
-        stop_server(proc, children)
+        srv.stop()
     # Measured again after the load and averaged: other work on a shared machine hits both sides alike.
     after = direct_run()
     load1 = os.getloadavg()
@@ -580,8 +527,8 @@ def main() -> None:
                    f"the labels `{bundle.name}/model.onnx` gives run directly")
     r = {"model": a.model, "version": model["version"], "dataset": model["dataset"], "backend": model["backend"],
          "bundle": f"export/{bundle.name}/model.onnx", "labels_from": labels_from,
-         "clients": a.clients, "config": {"precision": a.precision, "max_batch_size": a.max_batch_size,
-                                          "max_latency_ms": a.max_latency_ms,
+         "clients": a.clients, "config": {"format": a.format, "precision": a.precision,
+                                          "max_batch_size": a.max_batch_size, "max_latency_ms": a.max_latency_ms,
                                           "threads": server_threads, "duration": a.duration, "requests": a.requests,
                                           "paced_requests": a.paced_requests, "paced_fractions": a.paced_fractions,
                                           "large_clients": a.large_clients, "large_size": a.large_size},
@@ -618,21 +565,18 @@ def _first_image(pngs: list[bytes]) -> np.ndarray:
 
 def large_only(a, pngs: list[bytes], labels: list[str]) -> None:
     """``--large-only``: start the server, run the large-image burst, write its results alone."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     log = Path(tempfile.mkdtemp(prefix="serve-load-")) / "server.log"
-    proc = start_server(a.model, port, a, log)
-    children: list[int] = []
+    srv = LocalServer([a.model], server_args(a), log=log, cwd=ROOT)
     try:
-        listing = wait_ready(url, proc)
-        children = [p.pid for p in server_processes(proc)[1:]]
+        listing = srv.wait_ready()
         print(f"server ready (log {log}); {a.large_clients} concurrent {a.large_size}² PNGs ...", flush=True)
-        large = asyncio.run(large_image_phase(url, a.model, proc, large_png(_first_image(pngs), a.large_size),
+        large = asyncio.run(large_image_phase(srv.url, a.model, srv, large_png(_first_image(pngs), a.large_size),
                                               labels[0], a.large_clients, a.large_settle))
     finally:
-        stop_server(proc, children)
+        srv.stop()
     r = {"model": a.model, "version": listing["models"][0]["version"], "limits": listing["limits"],
-         "config": {"precision": a.precision, "max_batch_size": a.max_batch_size, "max_latency_ms": a.max_latency_ms,
+         "config": {"format": a.format, "precision": a.precision, "max_batch_size": a.max_batch_size,
+                    "max_latency_ms": a.max_latency_ms,
                     "large_clients": a.large_clients, "large_size": a.large_size},
          "large_images": large,
          "host": {"cpu_count": os.cpu_count(), "loadavg": [round(v, 2) for v in os.getloadavg()]},

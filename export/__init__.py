@@ -29,19 +29,32 @@ Modules: :mod:`export.graph` (what is traced: adapters merged, localization outp
 
 from __future__ import annotations
 
-from export.graph import ExportError, merge_adapters
-from export.onnx_export import DEFAULT_OPSET, FORMATS, ExportResult, ParityError, to_onnx
-from export.tensorrt import TensorRTUnavailableError, tensorrt_status, to_tensorrt
+import importlib
+from typing import Any
 
-__all__ = ["DEFAULT_OPSET", "FORMATS", "ExportError", "ExportResult", "ParityError", "TensorRTUnavailableError",
-           "export", "merge_adapters", "tensorrt_status", "to_onnx", "to_tensorrt"]
+from export.errors import ExportArgumentError, ExportError
+from export.formats import FORMATS, SERVABLE, Format, get_format, servable_for_precision
+
+# The package's interface; the modules behind it import torch and onnxruntime, so they load on first
+# use (the command-line parsers read the formats table without them).
+_LAZY = {"DEFAULT_OPSET": "export.onnx_export", "ExportResult": "export.onnx_export",
+         "ParityError": "export.onnx_export", "to_onnx": "export.onnx_export", "merge_adapters": "export.graph",
+         "TensorRTUnavailableError": "export.tensorrt", "tensorrt_status": "export.tensorrt",
+         "to_tensorrt": "export.tensorrt"}
+
+__all__ = ["DEFAULT_OPSET", "FORMATS", "SERVABLE", "ExportArgumentError", "ExportError", "ExportResult", "Format",
+           "ParityError", "TensorRTUnavailableError", "export", "get_format", "merge_adapters",
+           "servable_for_precision", "tensorrt_status", "to_onnx", "to_tensorrt"]
 
 
-def export(model_or_name, format: str = "onnx", out=None, **kw) -> ExportResult:
-    """``to_onnx`` for ``onnx``/``onnx-fp16``/``onnx-int8``, ``to_tensorrt`` for ``tensorrt``."""
-    from export.onnx_export import check_format
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'export' has no attribute {name!r}")
 
-    check_format(format)
-    if format == "tensorrt":
-        return to_tensorrt(model_or_name, out=out, **kw)
-    return to_onnx(model_or_name, format, out=out, **kw)
+
+def export(model_or_name, format: str = "onnx", out=None, **kw):
+    """``to_onnx`` for the ONNX formats, ``to_tensorrt`` for ``tensorrt`` (see :data:`FORMATS`)."""
+    if get_format(format).runtime == "tensorrt":
+        return __getattr__("to_tensorrt")(model_or_name, out=out, **kw)
+    return __getattr__("to_onnx")(model_or_name, format, out=out, **kw)

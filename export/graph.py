@@ -20,21 +20,10 @@ from collections.abc import Iterator
 import torch
 import torch.nn as nn
 
+from export.errors import ExportError
 from zoo.backbones import BackboneError
 from zoo.backbones import merge_adapters as _merge_adapters
-from zoo.errors import UsageError
 from zoo.maps import WithLocalization, localization_kind
-
-
-class ExportError(ValueError):
-    """An export that cannot be done as asked (a model it cannot trace, a failed check); the message says what to do.
-
-    A ``ValueError`` so the ``zoo`` command reports it as a one-line error (exit status 1).
-    """
-
-
-class ExportArgumentError(ExportError, UsageError):
-    """An export asked for with arguments that cannot work (format, opset, precision): exit status 2."""
 
 
 def merge_adapters(net: nn.Module) -> nn.Module:

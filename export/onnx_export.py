@@ -43,15 +43,15 @@ import numpy as np
 import torch
 
 import zoo.store as store
-from export.graph import ExportArgumentError, ExportError, ExportGraph, fixed_position_embeddings, merge_adapters
+from export.errors import ExportArgumentError, ExportError
+from export.formats import FORMATS, ONNX_FORMATS, get_format
+from export.graph import ExportGraph, fixed_position_embeddings, merge_adapters
 from zoo.data import Split, preprocess
 from zoo.inference import logits_to_probs, make_prediction, predict_logits
 from zoo.loading import ZooModel, load, model_split
 from zoo.metrics import compute_metrics
 from zoo.registry import ZooEntry
 
-FORMATS = ("onnx", "onnx-fp16", "onnx-int8", "tensorrt")
-ONNX_FORMATS = FORMATS[:3]
 DEFAULT_OPSET = 17
 MIN_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear (INT8) needs opset 13
 MAX_OPSET = 20  # the highest opset torch's TorchScript exporter (dynamo=False) writes
@@ -80,10 +80,8 @@ class ExportResult:
 # ----------------------------------------------------------------------------------------- checks
 
 
-def check_format(fmt: str, allowed: tuple[str, ...] = FORMATS) -> str:
-    if fmt not in allowed:
-        raise ExportArgumentError(f"unknown export format {fmt!r}; choose one of {', '.join(allowed)}")
-    return fmt
+def check_format(fmt: str, allowed: tuple[str, ...] | None = None) -> str:
+    return get_format(fmt, allowed).name
 
 
 def check_opset(opset: int) -> int:
@@ -473,9 +471,10 @@ def build_onnx(job: Job, fmt: str, work: Path, ref: Reference, atol: float = FP3
     parity, metrics = measure(onnx_runner(fp32), ref, job)
     check_fp32(parity, atol, f"the FP32 ONNX export of {job.entry.name}")
     info: dict[str, Any] = {"parity": parity, "metrics": metrics}
-    if fmt == "onnx":
+    precision = FORMATS[fmt].precision
+    if precision == "fp32":
         return fp32, info
-    if fmt == "onnx-fp16":
+    if precision == "fp16":
         return to_fp16(fp32, work / "fp16.onnx"), info
     mode = int8_mode(job, int8)
     calib = calibration_images(job, calib_images, root) if mode == "static" else None

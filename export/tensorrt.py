@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.graph import ExportArgumentError, ExportError
+from export.errors import ExportArgumentError, ExportError
 from export.onnx_export import (
     CALIB_IMAGES,
     DEFAULT_OPSET,

@@ -13,8 +13,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m serving", description="Serve zoo models over HTTP (BentoML).")
     cli.add_arguments(p)
     a = p.parse_args(argv)  # argparse's own errors exit with 2
-    from zoo.registry import UnknownModelError
-    from zoo.store import WeightsCorruptedError
+    from zoo.registry import UnknownModelError  # start-up cost: the registry imports torch
+    from zoo.store import WeightsCorruptedError  # start-up cost
 
     try:
         summary = cli.main(a)

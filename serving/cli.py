@@ -22,6 +22,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from export.formats import FORMATS, SERVABLE, servable_for_precision
+
 SERVICE = "serving.service:ZooService"
 USAGE, RUNTIME = 2, 1  # exit statuses
 REPO = Path(__file__).resolve().parents[1]  # the worker imports `serving` from here (`python -m` puts cwd first)
@@ -33,9 +35,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--backend", choices=("onnx", "torch"), default="onnx",
                    help="onnx: ONNX Runtime on the exported bundle, made when missing (default); torch: zoo.load")
-    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
-                   help="ONNX bundle served: fp32 (default), fp16, or int8 (static QDQ, calibrated on training "
-                        "images; about 4x faster on CPU, agreement with fp32 in its export.json)")
+    p.add_argument("--format", choices=SERVABLE, default="onnx",
+                   help="export format served (the `zoo export --format` names): "
+                        + "; ".join(f"{n}: {FORMATS[n].summary}" for n in SERVABLE) + " (default onnx)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default=None,
+                   help="deprecated: the same choice as --format (fp32 = onnx, fp16 = onnx-fp16, int8 = onnx-int8)")
     p.add_argument("--max-batch-size", type=int, default=32, help="most images per adaptive batch (default 32)")
     p.add_argument("--max-latency-ms", type=int, default=10_000,
                    help="adaptive batching latency budget; requests predicted to miss it get 503 (default 10000)")
@@ -75,9 +79,13 @@ def exit_status(e: BaseException) -> int:
 
 def config_from_args(a: argparse.Namespace):
     """The :class:`serving.config.ServeConfig` the arguments describe (pydantic errors are ValueErrors)."""
-    from serving.config import MIB, ServeConfig
+    from serving.config import MIB, ServeConfig  # start-up cost: pydantic
 
-    return ServeConfig(models=a.models, backend=a.backend, precision=a.precision, max_batch_size=a.max_batch_size,
+    fmt = a.format
+    if a.precision is not None:
+        fmt = servable_for_precision(a.precision)
+        print(f"zoo serve: note: --precision {a.precision} is deprecated; use --format {fmt}", file=sys.stderr)
+    return ServeConfig(models=a.models, backend=a.backend, format=fmt, max_batch_size=a.max_batch_size,
                        max_latency_ms=a.max_latency_ms, max_upload_bytes=int(a.max_upload_mb * MIB),
                        max_pixels=a.max_pixels, max_pixels_in_flight=getattr(a, "max_pixels_in_flight", None),
                        threads=a.threads, access_log=a.access_log)
@@ -86,7 +94,7 @@ def config_from_args(a: argparse.Namespace):
 def prepare(cfg, say=lambda m: print(m, file=sys.stderr, flush=True)) -> list[str]:
     """Fail fast on names that cannot be served (:class:`UsageError`), then export missing ONNX bundles
     before the server starts (a failed export is a runtime error)."""
-    from serving.runtime import ensure_onnx, entry_folder
+    from serving.runtime import ensure_onnx, entry_folder  # start-up cost: torch and onnxruntime
 
     for name in cfg.models:
         folder = entry_folder(name)  # unknown names raise UnknownModelError here, with the closest ones
@@ -94,7 +102,7 @@ def prepare(cfg, say=lambda m: print(m, file=sys.stderr, flush=True)) -> list[st
             raise UsageError(f"{name} is not built; build it with `zoo build {name}`")
     if cfg.backend == "onnx":
         for name in cfg.models:
-            ensure_onnx(name, say, cfg.precision)
+            ensure_onnx(name, say, cfg.format)
     return list(cfg.models)
 
 
@@ -152,7 +160,7 @@ def main(a: argparse.Namespace) -> str:
     try:
         listing = wait_ready(url, server, a.ready_timeout)
         versions = ", ".join(f"{m['name']} ({m['version']})" for m in listing["models"])
-        print(f"ready: {versions} on {url} ({cfg.backend} {cfg.precision}, {time.monotonic() - t0:.1f} s to load); "
+        print(f"ready: {versions} on {url} ({cfg.backend} {cfg.format}, {time.monotonic() - t0:.1f} s to load); "
               f"POST {url}/classify?model=NAME with an image as the body; Ctrl-C stops", file=sys.stderr, flush=True)
         while server.running:
             time.sleep(0.5)

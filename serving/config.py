@@ -7,9 +7,12 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from export.formats import FORMATS, SERVABLE, servable_for_precision
 
 MIB = 1 << 20
 
@@ -20,9 +23,10 @@ class ServeConfig(BaseModel):
     Attributes:
         models: zoo names (or folders of built entries / runs) to serve, chosen at start-up.
         backend: ``onnx`` (ONNX Runtime on the exported ``model.onnx``) or ``torch`` (``zoo.load``).
-        precision: of the ONNX bundle served: ``fp32`` (export format ``onnx``), ``fp16``
-            (``onnx-fp16``) or ``int8`` (``onnx-int8``, static QDQ calibrated on training images);
-            the torch backend serves fp32 only.
+        format: the export format served (:data:`export.FORMATS`, the ``zoo export --format``
+            vocabulary): ``onnx`` (FP32), ``onnx-fp16`` or ``onnx-int8`` (static QDQ calibrated on
+            training images); the torch backend serves FP32 only. ``precision`` (``fp32``/``fp16``/
+            ``int8``) is the same choice in the old vocabulary, accepted with a deprecation note.
         max_batch_size: most images per adaptive batch (per model).
         max_latency_ms: the latency budget of the adaptive batcher; a request it predicts cannot be
             answered within it is refused with 503 (BentoML's ``max_latency_ms`` semantics).
@@ -40,7 +44,7 @@ class ServeConfig(BaseModel):
 
     models: list[str] = Field(min_length=1)
     backend: Literal["onnx", "torch"] = "onnx"
-    precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    format: str = "onnx"
     max_batch_size: int = Field(32, ge=1, le=1024)
     max_latency_ms: int = Field(10_000, ge=1)
     max_upload_bytes: int = Field(10 * MIB, ge=1)
@@ -55,10 +59,34 @@ class ServeConfig(BaseModel):
             self.max_pixels_in_flight = 4 * self.max_pixels
         return self
 
+    @model_validator(mode="before")
+    @classmethod
+    def _old_precision(cls, data):
+        if isinstance(data, dict) and "precision" in data:
+            data = dict(data)
+            precision = data.pop("precision")
+            fmt = servable_for_precision(precision)
+            if data.setdefault("format", fmt) != fmt:
+                raise ValueError(f"format {data['format']} and precision {precision} disagree; give format only")
+            print(f"serving: note: precision={precision} is deprecated; use format={fmt}", file=sys.stderr)
+        return data
+
+    @field_validator("format")
+    @classmethod
+    def _servable(cls, v: str) -> str:
+        if v not in SERVABLE:
+            raise ValueError(f"format must be one of {', '.join(SERVABLE)} (servable export formats), got {v!r}")
+        return v
+
+    @property
+    def precision(self) -> str:
+        """The arithmetic of the served format (``fp32``, ``fp16``, ``int8``)."""
+        return FORMATS[self.format].precision
+
     @model_validator(mode="after")
     def _torch_is_fp32(self):
-        if self.backend == "torch" and self.precision != "fp32":
-            raise ValueError(f"the torch backend serves fp32 only; use backend onnx for precision {self.precision}")
+        if self.backend == "torch" and self.format != "onnx":
+            raise ValueError(f"the torch backend serves fp32 only; use backend onnx for format {self.format}")
         return self
 
     @field_validator("models", mode="before")

@@ -4,13 +4,13 @@ A served model is a built zoo entry behind one of two runtimes:
 
 - ``onnx`` (default): ONNX Runtime on the export bundle ``<entry>/export/<format>/`` written by
   ``export.to_onnx(name, format, with_localization=True)`` (made on first use, with its parity check
-  against torch). ``precision`` picks the format: ``fp32`` -> ``onnx``, ``fp16`` -> ``onnx-fp16``,
-  ``int8`` -> ``onnx-int8`` (the edge artifact: static QDQ, about 4x the FP32 throughput of a 28 px
+  against torch). ``fmt`` is the export format (:data:`export.FORMATS`): ``onnx``, ``onnx-fp16`` or
+  ``onnx-int8`` (the edge artifact: static QDQ, about 4x the FP32 throughput of a 28 px
   ResNet on CPU, with the label agreement its export receipt records). The bundle must match the
   entry it came from (same entry fields, exported after the build, ``model.onnx`` with the sha256
   its receipt records).
-- ``torch``: ``zoo.load(name)``, traced through :class:`export.graph.ExportGraph`, the module the
-  ONNX file is exported from, so both runtimes give the same two outputs.
+- ``torch``: ``zoo.load(name)`` through :class:`zoo.maps.WithLocalization`, the module the ONNX file
+  is traced from, so both runtimes give the same two outputs.
 
 Images become model input exactly as in ``ZooModel.predict``: ``zoo.inference.to_batch`` (PIL's
 conversion to the entry's L/RGB mode) then ``zoo.data.preprocess`` with ``ZooEntry.preprocess``
@@ -35,19 +35,18 @@ from PIL import Image
 
 import export
 import zoo.store as store
-from export.graph import ExportError, ExportGraph, localization_output, merge_adapters
 from serving.inputs import DecodedImage, RequestError
 from serving.localization import DEFAULT_THRESHOLD, b64, class_map, normalise, overlay_png, to_input_size, top_box
+from zoo.backbones import merge_adapters
 from zoo.data import preprocess
 from zoo.inference import logits_to_probs, make_prediction, to_batch
 from zoo.loading import NotBuiltError, load, resolve
-from zoo.maps import MAP_KINDS
+from zoo.maps import MAP_KINDS, WithLocalization
 from zoo.registry import ZooEntry
 from zoo.tasks import get_task
 
 log = logging.getLogger("bentoml.serve.medzoo")  # under BentoML's logger, so the worker's log shows it
 
-PRECISIONS = {"fp32": "onnx", "fp16": "onnx-fp16", "int8": "onnx-int8"}  # serving precision -> export format
 MAP_OUTPUTS = MAP_KINDS
 
 
@@ -73,16 +72,9 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ServingError(f"cannot read {path} ({e})") from None
 
 
-def bundle_format(precision: str) -> str:
-    """The export format served at ``precision`` (fp32, fp16 or int8)."""
-    if precision not in PRECISIONS:
-        raise ServingError(f"unknown precision {precision!r}; choose {', '.join(PRECISIONS)}")
-    return PRECISIONS[precision]
-
-
-def bundle_problem(folder: Path, precision: str = "fp32") -> str | None:
-    """Why ``<folder>/export/<format>`` cannot be served as the entry's current model, or None when it can."""
-    d = folder / "export" / bundle_format(precision)
+def bundle_problem(folder: Path, fmt: str = "onnx") -> str | None:
+    """Why ``<folder>/export/<fmt>`` cannot be served as the entry's current model, or None when it can."""
+    d = folder / "export" / export.get_format(fmt, export.SERVABLE).name
     missing = [f for f in ("model.onnx", "export.json", "preprocess.json") if not (d / f).is_file()]
     if missing:
         return f"{d} lacks {', '.join(missing)}"
@@ -96,12 +88,12 @@ def bundle_problem(folder: Path, precision: str = "fp32") -> str | None:
     return None
 
 
-def ensure_onnx(name: str, say: Callable[[str], None] = log.info, precision: str = "fp32") -> Path:
-    """The ONNX bundle of ``name`` at ``precision`` with its localization output, exported (and
+def ensure_onnx(name: str, say: Callable[[str], None] = log.info, fmt: str = "onnx") -> Path:
+    """The ONNX bundle of ``name`` in format ``fmt`` with its localization output, exported (and
     parity-checked; INT8 is calibrated on training images) when missing or stale."""
-    fmt = bundle_format(precision)
+    export.get_format(fmt, export.SERVABLE)
     folder = entry_folder(name)
-    problem = bundle_problem(folder, precision) if (folder / "config.json").is_file() else "not built"
+    problem = bundle_problem(folder, fmt) if (folder / "config.json").is_file() else "not built"
     if problem is None:
         return folder / "export" / fmt
     say(f"exporting {name} to {fmt} with its localization output ({problem}); this runs the parity check once")
@@ -140,17 +132,17 @@ class OnnxRuntime:
 
 
 class TorchRuntime:
-    """``zoo.load``'s net through ``ExportGraph`` (the module the ONNX file is traced from)."""
+    """``zoo.load``'s net with its localization map (:class:`zoo.maps.WithLocalization`, the module the
+    ONNX file is traced from), so both runtimes give the same two outputs."""
 
     def __init__(self, net: torch.nn.Module, input_size: int):
         net = merge_adapters(net).eval()
         try:
-            localization_output(net)
-            with_map = True
-        except ExportError:
-            with_map = False
-        self.graph = ExportGraph(net, input_size, with_localization=with_map).eval()
-        self.outputs = self.graph.output_names
+            self.graph = WithLocalization(net, input_size).eval()
+            self.outputs = ["logits", self.graph.kind]
+        except ValueError:  # a net without a localization map serves its logits only
+            self.graph = net
+            self.outputs = ["logits"]
         self.name = f"torch {torch.__version__.split('+')[0]}"
 
     @torch.inference_mode()
@@ -189,11 +181,12 @@ class ServedModel:
     """A loaded zoo entry with its runtime, preprocessing and task semantics."""
 
     def __init__(self, entry: ZooEntry, runtime: OnnxRuntime | TorchRuntime, config: dict[str, Any], backend: str,
-                 precision: str = "fp32"):
+                 fmt: str = "onnx"):
         self.entry = entry
         self.runtime = runtime
         self.backend = backend
-        self.precision = precision
+        self.format = fmt
+        self.precision = export.FORMATS[fmt].precision
         self.version = weights_version(config)
         self.built = str(config.get("created", ""))
         self.map_kind = next((o for o in runtime.outputs[1:] if o in MAP_OUTPUTS), None)
@@ -206,8 +199,8 @@ class ServedModel:
         """What ``GET /models`` lists for this model."""
         e = self.entry
         return {"name": e.name, "version": self.version, "built": self.built, "backend": self.runtime.name,
-                "precision": self.precision, "task": e.task, "labels": list(e.labels), "in_chans": e.in_chans,
-                "input_size": e.input_size,
+                "format": self.format, "precision": self.precision, "task": e.task, "labels": list(e.labels),
+                "in_chans": e.in_chans, "input_size": e.input_size,
                 "image_mode": "L" if e.in_chans == 1 else "RGB", "mean": list(e.preprocess.mean),
                 "std": list(e.preprocess.std), "resize": e.resize, "localization": self.map_kind,
                 "method": e.method, "arch": e.arch, "dataset": e.dataset, "teacher": e.teacher, "license": e.license}
@@ -299,13 +292,13 @@ def default_threads() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-def load_model(name: str, backend: str, threads: int = 0, precision: str = "fp32") -> ServedModel:
-    """Load one model for serving; ``threads`` 0 = :func:`default_threads`; ``precision`` of the ONNX bundle."""
+def load_model(name: str, backend: str, threads: int = 0, fmt: str = "onnx") -> ServedModel:
+    """Load one model for serving; ``threads`` 0 = :func:`default_threads`; ``fmt`` the export format served."""
     threads = threads or default_threads()
-    fmt = bundle_format(precision)
+    export.get_format(fmt, export.SERVABLE)
     if backend == "torch":
-        if precision != "fp32":
-            raise ServingError(f"the torch backend serves fp32 only; use --backend onnx for {precision}")
+        if fmt != "onnx":
+            raise ServingError(f"the torch backend serves fp32 only; use --backend onnx for {fmt}")
         torch.set_num_threads(threads)
         model = load(name)
         return ServedModel(model.entry, TorchRuntime(model.net, model.entry.input_size), model.info, "torch")
@@ -314,16 +307,16 @@ def load_model(name: str, backend: str, threads: int = 0, precision: str = "fp32
     folder = entry_folder(name)
     if not (folder / "config.json").is_file():
         raise NotBuiltError(f"{name} is not built in {store.zoo_home()}; build it with `zoo build {name}`")
-    problem = bundle_problem(folder, precision)
+    problem = bundle_problem(folder, fmt)
     if problem:
-        raise ServingError(f"cannot serve {name}: {problem}; start it with `zoo serve {name} --precision "
-                           f"{precision}`, which exports it")
+        raise ServingError(f"cannot serve {name}: {problem}; start it with `zoo serve {name} --format {fmt}`, which "
+                           "exports it")
     d = folder / "export" / fmt
     rec, spec = _read_json(d / "export.json"), _read_json(d / "preprocess.json")
     cfg = _read_json(folder / "config.json")
     entry = ZooEntry.from_dict(rec["entry"])
     _check_spec(entry, spec, d)
-    return ServedModel(entry, OnnxRuntime(d / spec["model_file"], threads), cfg, "onnx", precision)
+    return ServedModel(entry, OnnxRuntime(d / spec["model_file"], threads), cfg, "onnx", fmt)
 
 
 def _check_spec(e: ZooEntry, spec: dict[str, Any], d: Path) -> None:

@@ -292,7 +292,7 @@ class ZooService:
         self._loader = asyncio.create_task(self._load())
 
     async def _load(self) -> None:
-        from serving.batching import AdaptiveBatcher
+        from serving.batching import AdaptiveBatcher  # loaded in the background task, so /livez answers at once
 
         cfg = self.config
         try:
@@ -313,7 +313,7 @@ class ZooService:
         gc.freeze()
         self.status = "ready"
         self.metrics["ready"].set(len(models))
-        log.info("serving %s (%s backend, %s)", ", ".join(self.models), cfg.backend, cfg.precision)
+        log.info("serving %s (%s backend, %s)", ", ".join(self.models), cfg.backend, cfg.format)
 
     async def __is_ready__(self) -> bool:
         return self.status == "ready"
@@ -341,7 +341,8 @@ class ZooService:
         """``GET /models``."""
         cfg = self.config
         return {"status": self.status, "error": self.load_error, "backend": cfg.backend,
-                "precision": cfg.precision, "models": [m.describe() for m in self.models.values()],
+                "format": cfg.format, "precision": cfg.precision,
+                "models": [m.describe() for m in self.models.values()],
                 "limits": {"max_upload_bytes": cfg.max_upload_bytes, "max_pixels": cfg.max_pixels,
                            "max_pixels_in_flight": cfg.max_pixels_in_flight,
                            "max_batch_size": cfg.max_batch_size, "max_latency_ms": cfg.max_latency_ms}}
@@ -423,7 +424,11 @@ def _load_all(cfg: ServeConfig) -> list:
     """Load and warm up every model (in a thread: ONNX sessions and torch modules take seconds)."""
     import torch
 
-    from serving.runtime import ServingError, ensure_onnx, load_model
+    from serving.runtime import (  # loaded in the background task, so /livez answers at once
+        ServingError,
+        ensure_onnx,
+        load_model,
+    )
 
     if cfg.backend == "onnx":
         # Preprocessing runs torch ops on one small image per request; more threads would only spin.
@@ -432,8 +437,8 @@ def _load_all(cfg: ServeConfig) -> list:
     for name in cfg.models:
         if cfg.backend == "onnx":
             # `zoo serve` has done this already; `bentoml serve` may not have
-            ensure_onnx(name, precision=cfg.precision)
-        m = load_model(name, cfg.backend, cfg.threads, cfg.precision)
+            ensure_onnx(name, fmt=cfg.format)
+        m = load_model(name, cfg.backend, cfg.threads, cfg.format)
         if any(m.name == o.name for o in models):
             raise ServingError(f"{m.name} is given twice")
         m.warm_up(cfg.max_batch_size)

@@ -190,19 +190,6 @@ def _scores(model, x, prep, task, batch_size) -> np.ndarray:
     return logits_to_probs(predict_logits(model, x, prep, batch_size), task).numpy()
 
 
-def _agreed_auc(auc: float, env: D.DistEnv) -> float:
-    """The main process's validation AUC, on every process: the best-epoch choice (a collective
-    state gather under sharded strategies) must be the same everywhere, even where local batch-norm
-    statistics made the processes' models differ slightly."""
-    if env.world == 1:
-        return auc
-    import torch.distributed as dist
-
-    box = [auc]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 class SupervisedTask:
     """Mini-batches of in-memory data through a classifier, with a :class:`~training.medalmighty.losses.MedAlmightyLoss`
     (optionally against cached teacher logits). Each epoch's order is drawn from ``generator``."""
@@ -338,7 +325,10 @@ def fit(
                                          task)
             row.update(test_acc=test_m["acc"], test_auc=test_m["auc"])
         history.append(row)
-        auc = _agreed_auc(val_m["auc"], env)
+        # The main process's validation AUC on every process: the best-epoch choice (a collective state
+        # gather under sharded strategies) must be the same everywhere, even where local batch-norm
+        # statistics made the processes' models differ slightly.
+        auc = D.from_main(val_m["auc"], env)
         if auc > best["auc"]:
             best.update(auc=auc, epoch=epoch, val=val_m,
                         state=copy.deepcopy(model.state_dict() if not sharded else runner.model_state()))

@@ -16,6 +16,7 @@ import sys
 import time
 
 import zoo.store as store
+from export.formats import FORMATS
 from zoo.errors import UsageError
 from zoo.registry import UnknownModelError
 
@@ -23,7 +24,7 @@ USAGE_ERRORS = (UsageError, UnknownModelError)
 
 
 def _cmd_list(a) -> str:
-    from zoo.registry import list_models
+    from zoo.registry import list_models  # start-up cost: loaded when the command runs
 
     names = list_models(a.pattern, variants=a.variants)
     built = 0
@@ -39,8 +40,8 @@ def _cmd_list(a) -> str:
 
 
 def _cmd_info(a) -> str:
-    from zoo.loading import read_config
-    from zoo.registry import get_entry, variants_of
+    from zoo.loading import read_config  # start-up cost: loaded when the command runs
+    from zoo.registry import get_entry, variants_of  # start-up cost: loaded when the command runs
 
     e = get_entry(a.name)
     for k, v in e.to_dict().items():
@@ -62,7 +63,7 @@ def _cmd_info(a) -> str:
 
 
 def _cmd_build(a) -> str:
-    from zoo.api import build
+    from zoo.api import build  # start-up cost: loaded when the command runs
 
     t0 = time.perf_counter()
     d = build(a.name, a.overrides, progress=not a.quiet, config_files=a.config)
@@ -76,7 +77,7 @@ def _cmd_build(a) -> str:
 
 
 def _cmd_train(a) -> str:
-    from training.entries import train_config
+    from training.entries import train_config  # start-up cost: loaded when the command runs
 
     t0 = time.perf_counter()
     d = train_config(a.config, a.overrides, progress=not a.quiet)
@@ -92,7 +93,7 @@ def _cmd_train(a) -> str:
 def _cmd_eval(a) -> str:
     import numpy as np
 
-    from zoo.loading import evaluate, load
+    from zoo.loading import evaluate, load  # start-up cost: loaded when the command runs
 
     r = evaluate(load(a.name), split=a.split)
     probs = r.pop("probs")
@@ -108,7 +109,7 @@ def _cmd_eval(a) -> str:
 def _cmd_predict(a) -> str:
     from PIL import Image, UnidentifiedImageError
 
-    from zoo.loading import load
+    from zoo.loading import load  # start-up cost: loaded when the command runs
 
     model = load(a.name)
     images = []
@@ -124,7 +125,7 @@ def _cmd_predict(a) -> str:
 
 
 def _cmd_export(a) -> str:
-    from export import export
+    from export import export  # start-up cost: loaded when the command runs
 
     kw = {"opset": a.opset, "with_localization": a.with_localization, "max_images": a.max_images}
     if a.format == "tensorrt":
@@ -141,7 +142,7 @@ def _cmd_export(a) -> str:
 
 
 def _cmd_demo(a) -> str:
-    from zoo.demo import run
+    from zoo.demo import run  # start-up cost: loaded when the command runs
 
     run(progress=not a.quiet)
     return "demo finished"
@@ -211,7 +212,8 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_cmd_predict)
     s = sub.add_parser("export", help="export a built model to ONNX (FP32/FP16/INT8) or TensorRT, with receipts")
     s.add_argument("name", help="zoo name, or the folder of a built entry / run")
-    s.add_argument("--format", default="onnx", metavar="FORMAT", help="onnx | onnx-fp16 | onnx-int8 | tensorrt")
+    s.add_argument("--format", default="onnx", metavar="FORMAT",
+                   help="; ".join(f"{n}: {f.summary}" for n, f in FORMATS.items()) + " (default onnx)")
     s.add_argument("--out", metavar="DIR", help="output folder (default: <ZOO_HOME>/<name>/export/<format>/)")
     s.add_argument("--opset", type=int, default=17, help="ONNX opset, 13-20 (default 17)")
     s.add_argument("--with-localization", action="store_true",

@@ -15,14 +15,8 @@ Run with ``make demo`` (or ``zoo demo``).
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -30,7 +24,8 @@ from PIL import Image
 
 import zoo.store as store
 from export import to_onnx
-from zoo import anchors
+from serving.local import LocalServer
+import zoo.anchors as anchors
 from zoo.api import build, evaluate, load
 from zoo.data import load_split, medmnist_root, npz_path
 from zoo.explain import explain
@@ -55,40 +50,11 @@ def _step(i: int, text: str) -> None:
 
 
 def serve_once(name: str, png: bytes, timeout: float = 300) -> tuple[dict, dict]:
-    """Start ``python -m serving NAME`` on a free loopback port, POST one image to /classify and
-    /localize, stop the server (and every process it started)."""
-    import httpx
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "serving", name, "--port", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True,
-                            env={**os.environ, "BENTOML_DO_NOT_TRACK": "true"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        t0 = time.monotonic()
-        with httpx.Client(base_url=url, timeout=60) as client:
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"the server exited with status {proc.returncode}; run `zoo serve {name}`")
-                try:
-                    if client.get("/models").json().get("status") == "ready":
-                        break
-                except (httpx.TransportError, ValueError):
-                    pass
-                if time.monotonic() - t0 > timeout:
-                    raise TimeoutError(f"the server was not ready after {timeout:.0f} s")
-                time.sleep(0.3)
-            answer = client.post(f"/classify?model={name}", content=png).json()
-            localize = client.post(f"/localize?model={name}", content=png).json()
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+    """Serve ``name`` on a free loopback port, POST one image to /classify and /localize, stop the server."""
+    with LocalServer([name], log=store.zoo_home() / "demo" / "serve.log") as srv:
+        srv.wait_ready(timeout)
+        answer = srv.post("/classify", png, model=name).json()
+        localize = srv.post("/localize", png, model=name).json()
     return answer, localize
 
 

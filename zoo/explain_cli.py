@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> str:
     """Write the maps (see :func:`zoo.explain.explain`) and return a one-line summary."""
-    from zoo.explain import explain, read_summary
+    from zoo.explain import explain, read_summary  # start-up cost: torch and transformers load when the command runs
 
     out = Path(args.out) if args.out else default_out_dir(args.name, args.image)
     files = explain(args.name, args.image, out, layer=args.layer)

@@ -4,79 +4,35 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
-import socket
 import struct
-import subprocess
-import sys
-import time
 import zlib
 from pathlib import Path
 
 import httpx
 import numpy as np
-import psutil
 from conftest import OFFLINE_ENV, REPO, THREADS_ENV
 from PIL import Image
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from serving.local import LocalServer
 
 
-class Server:
-    """``python -m serving NAMES...`` on a free loopback port; stops it, and every process it started, on exit."""
+class Server(LocalServer):
+    """``python -m serving NAMES...`` on a free loopback port (:class:`serving.local.LocalServer`), with an
+    httpx client; stops it, and every process it started, on exit."""
 
     def __init__(self, models: list[str], env: dict[str, str], log: Path, *args: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        cmd = [sys.executable, "-m", "serving", *models, "--port", str(self.port), *args]
-        full_env = {**os.environ, **OFFLINE_ENV, **THREADS_ENV, "BENTOML_DO_NOT_TRACK": "true", **env}
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        self.children: list[int] = []
+        super().__init__(models, args, env={**OFFLINE_ENV, **THREADS_ENV, **env}, log=log, cwd=REPO)
         self.client = httpx.Client(base_url=self.url, timeout=60)
 
     def wait_ready(self, timeout: float = 240) -> dict:
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited ({self.proc.returncode}):\n{self.tail()}")
-            try:
-                listing = self.client.get("/models").json()
-                if listing["status"] == "ready":
-                    self.children = [p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)]
-                    return listing
-                assert listing["status"] != "failed", listing["error"]
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"server not ready after {timeout} s:\n{self.tail()}")
-
-    def tail(self, n: int = 40) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        return super().wait_ready(timeout)
 
     def post(self, path: str, body: bytes, **params) -> httpx.Response:
         return self.client.post(path, content=body, params=params)
 
     def stop(self) -> None:
         self.client.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        for pid in self.children:  # the worker, should the launcher have died without stopping it
-            try:
-                psutil.Process(pid).kill()
-            except psutil.Error:
-                pass
+        super().stop()
 
 
 def png(a: np.ndarray) -> bytes:

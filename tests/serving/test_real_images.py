@@ -80,7 +80,7 @@ def test_int8_bundle_serves_what_it_computes(real, tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
             mp.setenv(k, v)
-        bundle = ensure_onnx(srv.run, precision="int8")
+        bundle = ensure_onnx(srv.run, fmt="onnx-int8")
     assert bundle.name == "onnx-int8"
     images = np.load(REAL_ROOT / "breastmnist.npz")["test_images"][:48]
     x = preprocess(torch.from_numpy(images)[:, None], model.entry.preprocess).numpy()

@@ -15,7 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(a: argparse.Namespace) -> str:
-    from training.dinomx.recipe import pretrain_config
+    from training.dinomx.recipe import pretrain_config  # start-up cost: torch loads when the command runs
 
     d, m = pretrain_config(a.config, a.overrides, progress=not a.quiet)
     if m is None:
