@@ -176,3 +176,16 @@ def test_train_command_writes_a_run_folder(tmp_path, capsys):
     (run,) = out.iterdir()
     assert run.name.startswith("baseline-resnet-test-breastmnist-")
     assert f"run:  {run}" in stdout and stdout.strip().splitlines()[-1].startswith(f"trained {run.name} in ")
+
+
+def test_key_value_overrides_anywhere_on_the_line(capsys):
+    from zoo.cli import parse_args
+
+    a = parse_args(["build", "baseline-resnet18-breastmnist", "seed=1", "--config", "medalmighty/cpu-fast.yaml",
+                    "train.epochs=1", "--quiet", "data.download=false"])
+    assert a.overrides == ["seed=1", "train.epochs=1", "data.download=false"] and a.config == ["medalmighty/cpu-fast.yaml"]
+    with pytest.raises(SystemExit) as ei:  # a stray word is still an error
+        parse_args(["build", "baseline-resnet18-breastmnist", "--config", "medalmighty/cpu-fast.yaml", "oops"])
+    assert ei.value.code == 2 and "unrecognized arguments: oops" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # commands without overrides take none
+        parse_args(["eval", "baseline-resnet18-breastmnist", "train.epochs=1"])

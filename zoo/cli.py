@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 
@@ -230,8 +231,24 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.\-]*=")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with ``key=value`` overrides accepted anywhere after the command (also after
+    ``--config FILE``), for the commands that take them."""
+    p = parser()
+    a, extra = p.parse_known_args(argv)
+    stray = [x for x in extra if not _OVERRIDE.match(x)]
+    if extra and (stray or not hasattr(a, "overrides")):
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        a.overrides = list(a.overrides) + extra
+    return a
+
+
 def main(argv: list[str] | None = None) -> int:
-    a = parser().parse_args(argv)
+    a = parse_args(argv)
     # Failures a user can meet (their message says what to do): no traceback.
     expected = (UsageError, UnknownModelError, store.WeightsCorruptedError, ValueError, OSError)
     try:

@@ -223,10 +223,12 @@ def dinomx_entry(arch: str, info: DatasetInfo, *, tag: str = "", input_size: int
 
 # ----------------------------------------------------------------------------------------- variants
 
-# Student resolutions: MedMNIST v2's ResNet (28) and ResNet (224) (28 px images upsampled, nearest).
+# Student resolutions: MedMNIST v2's ResNet (28) and ResNet (224) (28 px images upsampled, nearest), and the
+# MedMNIST+ 224 px images themselves (``<flag>_224.npz``).
 STUDENT_VARIANTS: dict[str, dict[str, Any]] = {
     "": dict(input_size=28, small_stem=True, resize="bilinear"),
     "224": dict(input_size=224, small_stem=False, resize="nearest"),
+    "plus224": dict(input_size=224, small_stem=False, resize="bilinear", data_size=224),
 }
 # Distillation teachers of a 28 px student: tag -> (teacher, its input size); {flag} is the dataset.
 TEACHER_VARIANTS: dict[str, tuple[str, int]] = {
