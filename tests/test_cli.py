@@ -183,7 +183,8 @@ def test_key_value_overrides_anywhere_on_the_line(capsys):
 
     a = parse_args(["build", "baseline-resnet18-breastmnist", "seed=1", "--config", "medalmighty/cpu-fast.yaml",
                     "train.epochs=1", "--quiet", "data.download=false"])
-    assert a.overrides == ["seed=1", "train.epochs=1", "data.download=false"] and a.config == ["medalmighty/cpu-fast.yaml"]
+    assert a.overrides == ["seed=1", "train.epochs=1", "data.download=false"]
+    assert a.config == ["medalmighty/cpu-fast.yaml"]
     with pytest.raises(SystemExit) as ei:  # a stray word is still an error
         parse_args(["build", "baseline-resnet18-breastmnist", "--config", "medalmighty/cpu-fast.yaml", "oops"])
     assert ei.value.code == 2 and "unrecognized arguments: oops" in capsys.readouterr().err

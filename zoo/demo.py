@@ -22,10 +22,10 @@ from pathlib import Path
 
 from PIL import Image
 
+import zoo.anchors as anchors
 import zoo.store as store
 from export import to_onnx
 from serving.local import LocalServer
-import zoo.anchors as anchors
 from zoo.api import build, evaluate, load
 from zoo.data import load_split, medmnist_root, npz_path
 from zoo.explain import explain
