@@ -132,6 +132,9 @@ def prepare(model_or_name, fmt: str, out=None, opset: int = DEFAULT_OPSET, with_
             raise ExportError(f"{model.entry.name} is not a built store entry; pass out=DIR (--out) for its export")
         out = home / "export" / fmt
     out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ExportArgumentError(f"--out {out} is a file; an export is a folder (model, receipt, runner): give a "
+                                  "new or empty folder, or an earlier export's folder to replace it")
     if out.is_dir() and any(out.iterdir()) and not (out / "export.json").is_file():
         raise ExportError(f"{out} exists and holds files that are not an export; exporting replaces the whole "
                           "folder, so give an empty or new folder")

@@ -190,3 +190,30 @@ def test_key_value_overrides_anywhere_on_the_line(capsys):
     assert ei.value.code == 2 and "unrecognized arguments: oops" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # commands without overrides take none
         parse_args(["eval", "baseline-resnet18-breastmnist", "train.epochs=1"])
+
+
+def test_predict_refuses_16_bit_and_truncated_images_as_the_server_does(built_resnet18_breast, tmp_path, capsys):
+    import io
+    import struct
+
+    from PIL import Image
+
+    from zoo.images import ImageError, read_image
+
+    def encoded(a: np.ndarray, fmt: str) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format=fmt)
+        return buf.getvalue()
+
+    install(built_resnet18_breast)
+    j = encoded(np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8), "JPEG")
+    i = j.index(b"\xff\xc0")  # an 8 x 8 JPEG whose frame header claims 4000 x 4000
+    cases = {"deep.png": encoded(np.full((28, 28), 4000, np.uint16), "PNG"),
+             "lying.jpg": j[:i + 5] + struct.pack(">HH", 4000, 4000) + j[i + 9:]}
+    for fname, body in cases.items():
+        (tmp_path / fname).write_bytes(body)
+        with pytest.raises(ImageError) as ei:
+            read_image(body)
+        assert main(["predict", "baseline-resnet18-breastmnist", str(tmp_path / fname)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"zoo: error: cannot read {tmp_path / fname} as an image: ") and ei.value.message in err

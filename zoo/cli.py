@@ -15,6 +15,7 @@ import json
 import re
 import sys
 import time
+from pathlib import Path
 
 import zoo.store as store
 from export.formats import FORMATS
@@ -108,17 +109,18 @@ def _cmd_eval(a) -> str:
 
 
 def _cmd_predict(a) -> str:
-    from PIL import Image, UnidentifiedImageError
-
+    from zoo.images import ImageError, read_image  # start-up cost: loaded when the command runs
     from zoo.loading import load  # start-up cost: loaded when the command runs
 
     model = load(a.name)
     images = []
-    for p in a.images:
+    for p in a.images:  # the server's rule for every file: 8-bit PNG/JPEG/.npy, never clipped or truncated
         try:
-            images.append(Image.open(p))
-        except (OSError, UnidentifiedImageError) as e:
-            raise ValueError(f"cannot read {p} as an image ({e}); give PNG or JPEG files") from None
+            images.append(read_image(Path(p)))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"cannot read {p}: no such file") from None
+        except ImageError as e:
+            raise ValueError(f"cannot read {p} as an image: {e.message}") from None
     pred = model.predict(images)
     for p, lab, probs in zip(a.images, pred.labels, pred.probs):
         print(json.dumps({"image": p, "label": lab, "probs": [round(float(x), 6) for x in probs]}))

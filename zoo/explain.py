@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from zoo.data import preprocess
+from zoo.images import ImageError, read_image
 from zoo.inference import to_batch
 from zoo.loading import _peek, load, load_backbone, read_config, resolve
 from zoo.maps import DISPLAY_MIN_SIZE, cam_and_class, display_scale, overlay, peak, rgb_image, upscale, vit_maps
@@ -45,7 +46,8 @@ def _load(name_or_path: str | os.PathLike):
 
 
 def _open_image(image) -> tuple[Any, str]:
-    """A path is read (PNG/JPEG via PIL, ``.npy`` via numpy) before any model loads, so bad files fail fast.
+    """A path is read with the one image rule (:func:`zoo.images.read_image`) before any model loads,
+    so bad files fail fast.
 
     Returns the image in a form :func:`zoo.inference.to_batch` takes, and its description for explain.json.
     """
@@ -54,17 +56,11 @@ def _open_image(image) -> tuple[Any, str]:
     p = Path(image).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"image {p} not found; give a PNG or JPEG file or a .npy array")
-    if p.suffix.lower() == ".npy":
-        try:
-            return np.load(p, allow_pickle=False), str(p)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read {p} as a numpy array ({e}); save the image with np.save") from None
     try:
-        with Image.open(p) as im:
-            im.load()
-            return im.copy(), str(p)
-    except OSError as e:  # PIL's UnidentifiedImageError is an OSError
-        raise ValueError(f"cannot read {p} as an image ({e}); give a PNG or JPEG file or a .npy array") from None
+        return read_image(p), str(p)
+    except ImageError as e:
+        raise ValueError(f"cannot read {p} as an image: {e.message}; give a PNG or JPEG file or a .npy array"
+                         ) from None
 
 
 def _to_batch(image, in_chans: int) -> torch.Tensor:

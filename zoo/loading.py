@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file
 
 import zoo.store as store
 from zoo.backbones import ViTBackbone, backbone_normalisation
@@ -154,24 +153,16 @@ def _peek(path: Path) -> dict[str, Any]:
 
 
 def read_config(d: Path) -> dict[str, Any]:
-    """The ``config.json`` of a built entry folder, checked (a one-line error when it is not one)."""
-    try:
-        info = json.loads((d / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise store.WeightsCorruptedError(
-            f"cannot read {d / 'config.json'} ({e}); delete {d} and rebuild the entry"
-        ) from None
-    if not isinstance(info, dict):
-        raise store.WeightsCorruptedError(f"{d / 'config.json'} is not a JSON object; delete {d} and rebuild the entry")
-    return info
+    """The checked ``config.json`` of a built entry or run folder (:func:`zoo.store.read_config`)."""
+    return store.read_config(d)
 
 
 def _verified(d: Path) -> tuple[dict[str, Any], ZooEntry]:
-    """(config.json, entry) of a built folder whose weight files match their recorded sha256."""
-    info = read_config(d)
-    store.verify(d, info.get("sha256"))
+    """(config.json, entry) of a built folder whose weight files all match their recorded sha256."""
+    info = store.read_config(d)
+    store.verify(d, info["sha256"])
     try:
-        entry = ZooEntry.from_dict(info.get("entry"))
+        entry = ZooEntry.from_dict(info["entry"])
     except ValueError as e:
         raise store.WeightsCorruptedError(f"{d / 'config.json'}: {e}; delete {d} and rebuild the entry") from None
     return info, entry
@@ -194,6 +185,7 @@ def build_net(entry: ZooEntry, cfg: dict[str, Any], d: Path | None = None) -> nn
                          f"(the variant medalmighty-resnet18-{entry.dataset}.dinomx-28)")
     if d is None:
         raise ValueError("a linear-probe entry is built from its saved backbone folder")
+    store.check_safetensors(d / "backbone" / "model.safetensors")  # transformers reads it: check it first
     backbone = ViTBackbone.from_pretrained(d / "backbone", pooling=cfg["teacher"]["pooling"])
     net = LinearClassifier(backbone, entry.num_outputs)
     net.head.load_state_dict(_load_weights(d / "model.safetensors"), strict=True)
@@ -201,11 +193,7 @@ def build_net(entry: ZooEntry, cfg: dict[str, Any], d: Path | None = None) -> nn
 
 
 def _load_weights(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(path)
-    except Exception as e:  # safetensors raises its own error types on a truncated or foreign file
-        raise store.WeightsCorruptedError(f"{path} is not a valid safetensors file ({type(e).__name__}: "
-                                          f"{str(e).splitlines()[0] if str(e) else ''}); rebuild the entry") from None
+    return store.load_weights(path)  # one-line errors for a truncated or foreign file
 
 
 def load(name: str | os.PathLike, device: str | torch.device = "cpu") -> ZooModel:
