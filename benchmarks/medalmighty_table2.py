@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from zoo.tasks import get_task
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 # Result files of the runs; another folder can be named (a second checkout writing into this one).
@@ -67,12 +69,11 @@ def _commit() -> str:
 
 def pack_predictions(probs: np.ndarray, task: str) -> str:
     """Test predictions, compressed: class indices (single-label) or 0/1 per label (multi-label)."""
-    if task == "multi-label, binary-class":
-        arr = np.packbits((probs > 0.5).astype(np.uint8), axis=1)
-    elif task == "binary-class":
-        arr = (probs[:, 1] > 0.5).astype(np.uint8)
+    t = get_task(task)
+    if t.multilabel:
+        arr = np.packbits(t.positives(probs).astype(np.uint8), axis=1)
     else:
-        arr = probs.argmax(axis=1).astype(np.uint8)
+        arr = t.decide(probs).astype(np.uint8)
     return base64.b64encode(zlib.compress(arr.tobytes(), 9)).decode()
 
 

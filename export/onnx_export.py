@@ -51,6 +51,7 @@ from zoo.inference import logits_to_probs, make_prediction, predict_logits
 from zoo.loading import ZooModel, load, model_split
 from zoo.metrics import compute_metrics
 from zoo.registry import ZooEntry
+from zoo.tasks import get_task
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear (INT8) needs opset 13
@@ -364,8 +365,9 @@ def _metrics(logits: np.ndarray, labels: np.ndarray, task: str) -> dict[str, flo
         if "only one class" not in str(ex):
             raise
     y = labels.reshape(len(labels), -1)
-    if task in ("binary-class", "multi-label, binary-class"):
-        acc = float(((probs[:, -y.shape[1]:] > 0.5) == (y == 1)).mean())
+    t = get_task(task)
+    if t.sigmoid:
+        acc = float(((probs[:, -y.shape[1]:] > t.threshold) == (y == 1)).mean())
     else:
         acc = float((probs.argmax(1) == y[:, 0]).mean())
     return {"acc": acc, "auc": None}

@@ -78,6 +78,7 @@ class ProbeConfig:
 class DistillConfig:
     alpha: float
     temperature: float
+    require_stronger_teacher: bool
 
     def __post_init__(self) -> None:
         check(0.0 <= self.alpha <= 1.0, "distill.alpha", f"must be in [0, 1], got {self.alpha}")
