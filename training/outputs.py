@@ -52,4 +52,4 @@ def write_results(out: Path, entry: ZooEntry | None, config: dict[str, Any], met
     """``metrics.json`` and the model card ``README.md`` (a run without an entry gets no card)."""
     store.write_json_atomic(out / "metrics.json", metrics)
     if entry is not None:
-        store.write_atomic(out / "README.md", lambda p: p.write_text(render_card(entry, config, metrics)))
+        store.write_atomic(out / "README.md", lambda p: p.write_text(render_card(entry, config, metrics, folder=out)))

@@ -1,4 +1,4 @@
-"""MedMNIST v2 (2D) data: metadata from ``medmnist.INFO``, splits held in memory as uint8 tensors.
+"""MedMNIST v2 (2D) data: metadata from ``medmnist.INFO`` (:mod:`zoo.datasets`), splits held in memory as uint8 tensors.
 
 Files are read from a root folder: ``$MEDMNIST_ROOT`` when set, else medmnist's default root
 (``~/.medmnist``). ``<flag>.npz`` holds 28 px images, ``<flag>_<size>.npz`` the MedMNIST+ sizes
@@ -12,10 +12,8 @@ alike, so there is one definition of preprocessing.
 
 from __future__ import annotations
 
-import difflib
 import functools
 import hashlib
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,82 +22,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from zoo.tasks import get_task
-
-SIZES = (28, 64, 128, 224)
-SPLITS = ("train", "val", "test")
-
-
-def _info() -> dict:
-    # Imported lazily: `import medmnist` pulls in torchvision and creates ~/.medmnist.
-    from medmnist import INFO
-
-    return INFO
-
-
-def datasets_2d() -> list[str]:
-    """The 12 MedMNIST v2 2D dataset flags, in medmnist's order."""
-    return [k for k in _info() if not k.endswith("3d")]
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """What the zoo needs to know about one MedMNIST dataset."""
-
-    flag: str
-    task: str
-    n_channels: int
-    labels: tuple[str, ...]
-    n_samples: dict
-    license: str
-    description: str
-
-    @property
-    def num_outputs(self) -> int:
-        """Model outputs: one logit for binary tasks (BCE), one per label or class otherwise."""
-        return get_task(self.task).num_outputs(len(self.labels))
-
-    def url(self, size: int = 28) -> str:
-        return _info()[self.flag]["url" if size == 28 else f"url_{size}"]
-
-    def md5(self, size: int = 28) -> str:
-        return _info()[self.flag]["MD5" if size == 28 else f"MD5_{size}"]
-
-
-def dataset_info(flag: str) -> DatasetInfo:
-    info = _info()
-    flags = datasets_2d()
-    if flag not in flags:
-        close = difflib.get_close_matches(flag, flags, n=3, cutoff=0.4)
-        hint = f" Did you mean {', '.join(close)}?" if close else f" Known: {', '.join(flags)}."
-        raise ValueError(f"unknown MedMNIST 2D dataset {flag!r}.{hint}")
-    d = info[flag]
-    labels = tuple(d["label"][str(i)] for i in range(len(d["label"])))
-    return DatasetInfo(
-        flag=flag,
-        task=d["task"],
-        n_channels=int(d["n_channels"]),
-        labels=labels,
-        n_samples=dict(d["n_samples"]),
-        license=d.get("license", "see medmnist.com"),
-        description=d["description"],
-    )
-
-
-def medmnist_root(root: str | os.PathLike | None = None) -> Path:
-    """The data root: the argument, else ``$MEDMNIST_ROOT``, else medmnist's default (~/.medmnist)."""
-    if root:
-        return Path(root).expanduser()
-    env = os.environ.get("MEDMNIST_ROOT")
-    if env:
-        return Path(env).expanduser()
-    return Path("~/.medmnist").expanduser()
-
-
-def npz_path(flag: str, size: int = 28, root: str | os.PathLike | None = None) -> Path:
-    if size not in SIZES:
-        raise ValueError(f"MedMNIST size must be one of {SIZES}, got {size}")
-    return medmnist_root(root) / (f"{flag}.npz" if size == 28 else f"{flag}_{size}.npz")
+# The torch-free metadata lives in zoo.datasets (so listing the zoo does not import torch); re-exported here.
+from zoo.datasets import (  # noqa: F401
+    SIZES,
+    SPLITS,
+    DatasetInfo,
+    dataset_info,
+    datasets_2d,
+    medmnist_info,
+    medmnist_root,
+    npz_path,
+)
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -111,7 +44,7 @@ def _download(flag: str, size: int, path: Path) -> None:
     import medmnist
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    dataset_class = getattr(medmnist, _info()[flag]["python_class"])
+    dataset_class = getattr(medmnist, medmnist_info()[flag]["python_class"])
     dataset_class(split="test", root=str(path.parent), download=True, size=size)
 
 

@@ -19,12 +19,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+import zoo.hub as hub
 import zoo.store as store
 from zoo.backbones import ViTBackbone, backbone_normalisation
 from zoo.data import Preprocess, Split, load_split
 from zoo.inference import EVAL_BATCH_SIZE, Prediction, logits_to_probs, make_prediction, predict_logits, to_batch
 from zoo.metrics import compute_metrics
-from zoo.models import LinearClassifier, create_student, embed
+from zoo.models import EnsembleClassifier, LinearClassifier, create_student, embed
 from zoo.registry import ZooEntry, get_entry
 
 
@@ -103,12 +104,16 @@ class Resolved:
 def resolve(name_or_path: str | os.PathLike, must_exist: bool = True) -> Resolved:
     """The one resolver of model references (CLI, ``load``, explain, serving, export, teachers).
 
-    A registry name resolves to its store folder (fetched from the hub first when its ``weights``
-    say ``hf-hub:`` and it is not built); anything that looks like a path is taken as a folder.
-    Unknown names raise :class:`zoo.registry.UnknownModelError` (with the closest names), names not
-    built :class:`NotBuiltError` (with the ``zoo build`` command) when ``must_exist``.
+    ``hf-hub:<org>/<repo>[@<revision>]`` is a published entry, fetched into the store once and
+    verified (:func:`zoo.hub.fetch`). A registry name resolves to its store folder (fetched from the
+    hub first when its ``weights`` say ``hf-hub:`` and it is not built); anything that looks like a
+    path is taken as a folder. Unknown names raise :class:`zoo.registry.UnknownModelError` (with the
+    closest names), names not built :class:`NotBuiltError` (with the ``zoo build`` command) when
+    ``must_exist``.
     """
     raw = os.fspath(name_or_path)
+    if hub.is_hub_ref(raw) and not isinstance(name_or_path, os.PathLike):  # before paths: it holds a '/'
+        return Resolved(hub.fetch(raw), None, "entry")  # fetch checks it is a zoo entry
     is_path = isinstance(name_or_path, os.PathLike) or looks_like_path(raw) or raw.startswith("path=")
     if is_path:
         p = Path(raw.removeprefix("path=")).expanduser()
@@ -122,7 +127,7 @@ def resolve(name_or_path: str | os.PathLike, must_exist: bool = True) -> Resolve
     entry = get_entry(raw)
     d = store.entry_dir(entry.name)
     if must_exist and not store.is_built(entry.name):
-        if entry.weights and entry.weights.startswith("hf-hub:"):
+        if hub.is_hub_ref(entry.weights):
             fetch_from_hub(entry)
         else:
             raise NotBuiltError(f"{entry.name} is in the zoo but not built in {store.zoo_home()}; "
@@ -131,17 +136,8 @@ def resolve(name_or_path: str | os.PathLike, must_exist: bool = True) -> Resolve
 
 
 def fetch_from_hub(entry: ZooEntry) -> Path:
-    """Download a published entry folder (``weights="hf-hub:<repo_id>[@revision]"``) into the store."""
-    from huggingface_hub import snapshot_download  # network client: only when an entry is fetched
-
-    spec = entry.weights.removeprefix("hf-hub:")
-    repo_id, _, revision = spec.partition("@")
-    target = store.entry_dir(entry.name)
-    with store.staged_dir(target) as tmp:
-        snapshot_download(repo_id=repo_id, revision=revision or None, local_dir=str(tmp))
-        if not (tmp / "config.json").is_file():
-            raise FileNotFoundError(f"hub repo {repo_id} holds no zoo config.json: not a zoo entry")
-    return target
+    """Download a published entry folder (``weights="hf-hub:<repo_id>[@revision]"``) into the store, verified."""
+    return hub.fetch_entry(entry)
 
 
 def _peek(path: Path) -> dict[str, Any]:
@@ -175,7 +171,12 @@ def build_net(entry: ZooEntry, cfg: dict[str, Any], d: Path | None = None) -> nn
     """The architecture of a built entry; loads its weights from ``d`` when given (strictly)."""
     if entry.is_student:
         small_stem = cfg.get("model", {}).get("small_stem", entry.small_stem)
-        net = create_student(entry.arch, entry.num_outputs, entry.in_chans, small_stem)
+        if entry.method == "ensemble":
+            size = len(cfg.get("ensemble", {}).get("members") or []) or cfg.get("ensemble", {}).get("size", 3)
+            net = EnsembleClassifier([create_student(entry.arch, entry.num_outputs, entry.in_chans, small_stem)
+                                      for _ in range(size)])
+        else:
+            net = create_student(entry.arch, entry.num_outputs, entry.in_chans, small_stem)
         if d is not None:
             net.load_state_dict(_load_weights(d / "model.safetensors"), strict=True)
         return net
@@ -242,9 +243,12 @@ def load_backbone(name_or_path: str | os.PathLike, pooling: str = "cls") -> tupl
 
 def backbone_dir(name_or_path: str | os.PathLike) -> Path | None:
     """The ``backbone/`` folder of a DINO-MX output (run or entry folder, by name or path), a
-    transformers model directory itself, or None for a hub id (``facebook/dinov2-small``)."""
+    transformers model directory itself, or None for a hub id (``facebook/dinov2-small``).
+
+    ``hf-hub:<org>/<repo>`` is a published zoo entry (fetched once), not a transformers hub id."""
     raw = os.fspath(name_or_path)
-    if not (isinstance(name_or_path, os.PathLike) or raw.startswith(("path=", ".", "/", "~"))):
+    if not (isinstance(name_or_path, os.PathLike) or raw.startswith(("path=", ".", "/", "~"))
+            or hub.is_hub_ref(raw)):
         try:
             get_entry(raw)
         except KeyError:  # not a zoo name: a folder given without ./, or a hub id (org/name)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import SYNTHETIC, TASK_FLAG, install, tiny_overrides
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 import zoo
@@ -55,7 +56,7 @@ def test_run_folder_layout(tiny_runs, task):
     assert metrics["best_epoch"] in (1, 2)
     assert metrics["val"]["auc"] == max(h["val_auc"] for h in metrics["history"])
     assert all(h["kd"] == 0 and h["loss"] == pytest.approx(h["task"]) for h in metrics["history"])  # no teacher
-    card = (d / "README.md").read_text()
+    card = ModelCard((d / "README.md").read_text()).text  # the body, after the Hub's front matter
     assert card.startswith(f"# baseline-resnet-test-{flag}\n")
     assert f"| test | {_f(metrics['test']['acc'])} | {_f(metrics['test']['auc'])} |" in card
     assert cfg["sha256"]["model.safetensors"] in card

@@ -242,10 +242,9 @@ def hub_entry(monkeypatch, built_resnet18_breast):
     monkeypatch.setitem(R.registry(), name, dataclasses.replace(R.get_entry(name), weights="hf-hub:org/repo@rev1"))
     calls = []
 
-    def fake_snapshot_download(repo_id, revision=None, local_dir=None, **kw):
+    def fake_snapshot_download(repo_id, revision=None, **kw):  # the Hub returns its cached snapshot folder
         calls.append((repo_id, revision))
-        shutil.copytree(built_resnet18_breast, local_dir, dirs_exist_ok=True)
-        return local_dir
+        return str(built_resnet18_breast)
 
     import huggingface_hub
 
@@ -266,13 +265,14 @@ def test_load_fetches_published_entry_once(hub_entry, built_resnet18_breast, med
     assert [p.name for p in store.zoo_home().iterdir()] == [name]
 
 
-def test_hub_repo_without_zoo_config(monkeypatch):
+def test_hub_repo_without_zoo_config(monkeypatch, tmp_path):
     name = "baseline-resnet18-breastmnist"
     monkeypatch.setitem(R.registry(), name, dataclasses.replace(R.get_entry(name), weights="hf-hub:org/empty"))
     import huggingface_hub
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download",
-                        lambda repo_id, revision=None, local_dir=None, **kw: local_dir)
+    empty = tmp_path / "snapshot"
+    empty.mkdir()
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, revision=None, **kw: str(empty))
     with pytest.raises(FileNotFoundError, match="hub repo org/empty holds no zoo config.json"):
         zoo.load(name)
     assert list(store.zoo_home().iterdir()) == []  # no half-made entry, no .building. folder

@@ -1,12 +1,21 @@
-"""compute_metrics against medmnist's own evaluator functions (sklearn), for every task type."""
+"""compute_metrics against medmnist's own evaluator functions, confusion and per_class against scikit-learn,
+for every task type."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from medmnist.evaluator import getACC, getAUC
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    multilabel_confusion_matrix,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
 
-from zoo.metrics import compute_metrics
+from zoo.metrics import compute_metrics, confusion, per_class
 
 
 def _binary(rng, n):
@@ -121,3 +130,92 @@ def test_multiclass_labels_must_be_one_column():
 def test_auc_undefined_with_one_class():
     with pytest.raises(ValueError, match="only one class"):
         compute_metrics(np.zeros((4, 1), int), np.full((4, 2), 0.5), "binary-class")
+
+
+def test_metrics_use_no_private_torchmetrics_function():
+    import zoo.metrics
+
+    src = open(zoo.metrics.__file__).read()
+    assert "torchmetrics" not in src and "_binary_clf_curve" not in src
+
+
+def _sk_decisions(y, s, task):
+    """The decisions as medmnist's evaluator makes them (threshold 0.5, argmax), written out independently."""
+    if task == "multi-label, binary-class":
+        return y, (s > 0.5).astype(int)
+    if task == "binary-class":
+        return y[:, 0], (s[:, -1] > 0.5).astype(int)
+    return y[:, 0], s.argmax(axis=1)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("task", list(CASES))
+def test_confusion_matches_sklearn(task, seed):
+    y, s = CASES[task](np.random.default_rng(seed))
+    cm = confusion(y, s, task)
+    target, pred = _sk_decisions(y, s, task)
+    assert cm.dtype == np.int64
+    if task == "multi-label, binary-class":
+        assert cm.shape == (14, 2, 2)
+        np.testing.assert_array_equal(cm, multilabel_confusion_matrix(target, pred))
+    else:
+        k = s.shape[1]
+        assert cm.shape == (k, k)
+        np.testing.assert_array_equal(cm, confusion_matrix(target, pred, labels=list(range(k))))
+    assert cm.sum() == y.size  # every image (every image-label pair) counted once
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("task", list(CASES))
+def test_per_class_matches_sklearn(task, seed):
+    y, s = CASES[task](np.random.default_rng(seed))
+    names = [f"c{i}" for i in range(s.shape[1])]
+    rows = per_class(y, s, task, labels=names)
+    target, pred = _sk_decisions(y, s, task)
+    k = s.shape[1]
+    assert [r["index"] for r in rows] == list(range(k)) and [r["label"] for r in rows] == names
+    recall = recall_score(target, pred, average=None, labels=None if task.startswith("multi-label") else range(k))
+    precision = precision_score(target, pred, average=None, zero_division=np.nan,
+                                labels=None if task.startswith("multi-label") else range(k))
+    for i, r in enumerate(rows):
+        assert r["recall"] == recall[i]
+        assert r["precision"] == precision[i] or (r["precision"] is None and np.isnan(precision[i]))
+        if task == "multi-label, binary-class":
+            assert r["n"] == int(y[:, i].sum())
+            assert r["acc"] == accuracy_score(y[:, i], pred[:, i])
+            assert r["auc"] == roc_auc_score(y[:, i], s[:, i])
+        else:
+            assert r["n"] == int((y[:, 0] == i).sum())
+            assert r["acc"] == r["recall"]  # a class's accuracy: the share of its images decided as it
+            col = s[:, -1] if task == "binary-class" else s[:, i]
+            want = roc_auc_score(target == i, col if task != "binary-class" or i == 1 else -col)
+            assert abs(r["auc"] - want) <= 1e-15
+            assert abs(r["auc"] - roc_auc_score(target == i, s[:, i])) <= 1e-12
+    m = compute_metrics(y, s, task)
+    if task == "binary-class":
+        assert abs(rows[0]["auc"] - m["auc"]) <= 1e-12 and rows[1]["auc"] == m["auc"]
+        assert (rows[0]["n"] * rows[0]["recall"] + rows[1]["n"] * rows[1]["recall"]) / len(y) == pytest.approx(m["acc"])
+    else:  # the task's figures are the means of the per-class ones (summed in the same order)
+        assert sum(r["auc"] for r in rows) / k == m["auc"]
+    if task == "multi-label, binary-class":
+        assert sum(r["acc"] for r in rows) / k == m["acc"]
+
+
+def test_per_class_undefined_figures_are_none():
+    y = np.array([[0], [0], [1], [1]])
+    s = np.array([[0.9, 0.05, 0.05], [0.2, 0.7, 0.1], [0.3, 0.6, 0.1], [0.1, 0.8, 0.1]])
+    rows = per_class(y, s, "multi-class")
+    assert rows[2] == {"index": 2, "n": 0, "recall": None, "precision": None, "acc": None, "auc": None}
+    assert rows[0]["recall"] == 0.5 and rows[0]["precision"] == 1.0 and rows[1]["precision"] == 2 / 3
+
+
+def test_confusion_binary_with_one_score_column_and_threshold_rule():
+    y = np.array([0, 1, 1, 0])
+    p = np.array([0.5, 0.51, 0.2, 0.9])  # 0.5 is negative, as medmnist's `> 0.5`
+    np.testing.assert_array_equal(confusion(y, p, "binary-class"), [[1, 1], [1, 1]])
+    np.testing.assert_array_equal(confusion(y, np.stack([1 - p, p], 1), "binary-class"), [[1, 1], [1, 1]])
+
+
+def test_confusion_refuses_labels_outside_the_score_columns():
+    with pytest.raises(ValueError, match="class indices 0..1"):
+        confusion(np.array([[0], [2]]), np.full((2, 2), 0.5), "multi-class")
