@@ -1,15 +1,17 @@
-"""MedAlmighty's Table 2 on our data: students, teachers and distilled students over seeds, resumable.
+"""MedAlmighty's Table 2 (and Table 4) on our data: students, teachers and distilled students over seeds, resumable.
 
-Every cell of the table is one *run*: a zoo entry built with its recipe and a seed into a store of its
-own (``<store>/seed<k>/<name>``). Each finished run writes one small JSON file into
-``benchmarks/results/medalmighty/runs/`` (val/test ACC and AUC, the recipe, the teacher's figures,
-the test predictions packed for paired statistics, the commit of the code); a run whose file exists
-is never run again, so a stopped session loses at most the run in progress::
+Every cell of the table is one *run*: a zoo entry (or, for CA-MKD, a ``zoo train`` run) built with
+its recipe and a seed into a store of its own (``<store>/<method>/seed<k>/``). Each finished run
+writes one small JSON file into ``benchmarks/results/medalmighty/runs/`` (val/test ACC and AUC, the
+recipe, the teacher's figures and strength check, the test predictions packed for paired
+statistics, the commit of the code); a run whose file exists is never run again, so a stopped
+session loses at most the run in progress. Runs a method needs (the plain students an ensemble
+teacher is assembled from) are run first::
 
-    python benchmarks/medalmighty_table2.py run --methods plain --datasets breastmnist --seeds 0 1 2
-    python benchmarks/medalmighty_table2.py report        # results/medalmighty_table2.{json,md}
+    python -m benchmarks.medalmighty_table2 run --methods plain kd-ens --datasets breastmnist --seeds 0 1 2
+    python -m benchmarks.medalmighty_table2 report      # results/medalmighty_table2.{json,md}
 
-The methods are rows of :data:`METHODS`; each names a zoo entry and the override files it is built with.
+The methods are the rows of :data:`METHODS`.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import math
 import os
 import platform
 import subprocess
 import time
 import zlib
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,24 +38,59 @@ RESULTS = ROOT / "benchmarks" / "results"
 # Result files of the runs; another folder can be named (a second checkout writing into this one).
 RUNS = Path(os.environ.get("MEDALMIGHTY_RUNS", RESULTS / "medalmighty" / "runs"))
 LOCAL = ["breastmnist", "pneumoniamnist", "bloodmnist", "organamnist"]
-CPU_RECIPE = "medalmighty/cpu-fast.yaml"
+PAPER = "medalmighty/cpu-fast.yaml"  # the paper's recipe (no augmentation) on a CPU schedule
+AUG = "medalmighty/cpu-aug.yaml"     # the same schedule with light augmentation and a weight EMA
+MEMBER_SEEDS = (0, 1, 2)             # the plain students an ensemble (or CA-MKD's teachers) is made of
 
 
 @dataclass(frozen=True)
 class Method:
-    """One row of the table: how its zoo entry is named and built."""
+    """One row of the table: how its run is named, built and compared.
+
+    Attributes:
+        name: the zoo entry (``{arch}``, ``{flag}`` filled in), or for ``kind="train"`` the run's prefix.
+        plain: the method a distilled row is compared with (paired by seed), e.g. ``plain``.
+        members: the method whose seeds make the teacher (an ensemble or CA-MKD's teachers).
+        seeded: False for rows without a seed of their own (an ensemble assembled from seeds 0-2).
+    """
 
     key: str
     label: str
-    name: str                       # zoo name, with {arch} and {flag}
-    config_files: tuple[str, ...] = (CPU_RECIPE,)
+    name: str
+    config_files: tuple[str, ...] = (PAPER,)
     overrides: tuple[str, ...] = ()
+    kind: str = "build"  # build: `zoo build name`; train: `zoo train` (CA-MKD's teachers are run folders)
+    plain: str | None = None
+    members: str | None = None
+    seeded: bool = True
     note: str = ""
 
 
+def _camkd(key: str, label: str, files: tuple[str, ...], members: str, plain: str) -> Method:
+    return Method(key, label, "camkd-{arch}-{flag}", files, ("method=camkd",), kind="train", plain=plain,
+                  members=members, note="CA-MKD (Zhang et al. 2022) from the 3 plain students as teachers")
+
+
 METHODS: dict[str, Method] = {m.key: m for m in (
-    Method("plain", "ResNet-18 alone (paper recipe, no augmentation)", "baseline-{arch}-{flag}",
+    Method("plain", "ResNet alone (paper recipe, no augmentation)", "baseline-{arch}-{flag}",
            note="the student trained on the labels alone: MedAlmighty's baseline (alpha = 1)"),
+    Method("plain-aug", "ResNet alone, light augmentation + EMA", "baseline-{arch}-{flag}", (AUG,), plain="plain"),
+    Method("ensemble", "teacher: ensemble of the 3 plain students", "ensemble-{arch}-{flag}", members="plain",
+           seeded=False, note="logits averaged; not the paper's method"),
+    Method("ensemble-aug", "teacher: ensemble of the 3 augmented students", "ensemble-{arch}-{flag}", (AUG,),
+           members="plain-aug", seeded=False),
+    Method("kd-ens", "distilled from the ensemble (paper recipe)", "medalmighty-{arch}-{flag}.ens-28",
+           members="plain", plain="plain"),
+    Method("kd-ens-aug", "distilled from the augmented ensemble, light augmentation + EMA",
+           "medalmighty-{arch}-{flag}.ens-28", (AUG,), members="plain-aug", plain="plain-aug"),
+    Method("kd-ens-grid", "distilled from the ensemble, (t, a) chosen on validation",
+           "medalmighty-{arch}-{flag}.ens-28", (PAPER,), ("distill.search=grid",), members="plain", plain="plain"),
+    _camkd("camkd", "CA-MKD from the 3 plain students (paper recipe)", (PAPER,), "plain", "plain"),
+    _camkd("camkd-aug", "CA-MKD from the 3 augmented students, light augmentation + EMA", (AUG,), "plain-aug",
+           "plain-aug"),
+    *(Method(f"kd-ens-t{t:g}-a{a:g}", f"distilled from the ensemble, t = {t:g}, a = {a:g} (Table 4)",
+             "medalmighty-{arch}-{flag}.ens-28", (PAPER,), (f"distill.temperature={t}", f"distill.alpha={a}"),
+             members="plain", plain="plain") for t, a in ((2.0, 0.2), (5.0, 0.5), (8.0, 0.8))),
 )}
 
 
@@ -81,34 +120,97 @@ def unpack_predictions(s: str, n: int) -> np.ndarray:
     return np.frombuffer(zlib.decompress(base64.b64decode(s)), dtype=np.uint8)[:n]
 
 
-def run_one(method: Method, arch: str, flag: str, seed: int, store_root: Path, quiet: bool = True) -> Path:
-    """Build one cell into ``<store_root>/seed<k>`` and write its result file; returns the file."""
-    from zoo.api import build, evaluate, load
+# ----------------------------------------------------------------------------------------- running
 
-    out = RUNS / f"{run_id(method.key, arch, flag, seed)}.json"
-    if out.is_file():
-        return out
-    os.environ["ZOO_HOME"] = str(store_root / f"seed{seed}")
-    name = method.name.format(arch=arch, flag=flag)
-    t0 = time.perf_counter()
-    d = build(name, [*method.overrides, f"seed={seed}"], progress=not quiet, config_files=list(method.config_files))
-    metrics = json.loads((d / "metrics.json").read_text())
-    config = json.loads((d / "config.json").read_text())
-    test = evaluate(load(d), "test")
-    row = {
-        "run": out.stem, "method": method.key, "arch": arch, "dataset": flag, "seed": seed, "entry": name,
-        "config_files": list(method.config_files), "overrides": list(method.overrides),
-        "val": metrics["val"], "test": metrics["test"], "best_epoch": metrics["best_epoch"],
-        "epochs": metrics["epochs"], "train_time_s": metrics["train_time_s"],
-        "wall_time_s": round(time.perf_counter() - t0, 1), "teacher": metrics.get("teacher"),
-        "lineage": config.get("lineage"), "task": config["entry"]["task"], "n_test": int(test["n"]),
-        "test_pred": pack_predictions(test["probs"], config["entry"]["task"]),
-        "commit": _commit(), "torch_threads": _threads(), "machine": platform.machine(),
-    }
-    from zoo.store import write_json_atomic
 
-    write_json_atomic(out, row)
-    return out
+@dataclass
+class Runner:
+    """Runs cells (and the cells they need) into ``store_root``; writes each result file once."""
+
+    arch: str
+    store_root: Path
+    quiet: bool = True
+    log: Callable[[str], None] = field(default=lambda m: print(m, flush=True))
+
+    def store(self, key: str, seed: int) -> Path:
+        # The first runs of this benchmark kept the plain students in <store>/seed<k>.
+        legacy = self.store_root / f"seed{seed}"
+        if key == "plain" and legacy.is_dir() and not (self.store_root / key).exists():
+            return legacy
+        return self.store_root / key / f"seed{seed}"
+
+    def entry_dir(self, key: str, flag: str, seed: int) -> Path:
+        m = METHODS[key]
+        return self.store(key, seed) / m.name.format(arch=self.arch, flag=flag)
+
+    def result(self, key: str, flag: str, seed: int) -> Path:
+        return RUNS / f"{run_id(key, self.arch, flag, seed if METHODS[key].seeded else 0)}.json"
+
+    def ensure(self, key: str, flag: str, seed: int, need_entry: bool = False) -> dict:
+        """The result of a cell, running it (and the cells it needs) when it has not run. ``need_entry``: its
+        entry must also be in the store (a member of a teacher); runs are deterministic on the CPU, so a
+        result from an earlier session whose store is gone is rebuilt to the same weights."""
+        m = METHODS[key]
+        seed = seed if m.seeded else 0
+        out = self.result(key, flag, seed)
+        if out.is_file() and not (need_entry and not self._built(key, flag, seed)):
+            return json.loads(out.read_text())
+        members = []
+        if m.members:
+            for s in MEMBER_SEEDS:
+                self.ensure(m.members, flag, s, need_entry=True)
+                members.append(self.entry_dir(m.members, flag, s))
+        t0 = time.perf_counter()
+        row = self._run(m, flag, seed, members)
+        if not out.is_file():
+            from zoo.store import write_json_atomic
+
+            write_json_atomic(out, row)
+        self.log(f"{out.stem}: test acc {row['test']['acc']:.4f} auc {row['test']['auc']:.4f} "
+                 f"({time.perf_counter() - t0:.0f} s)")
+        return row
+
+    def _built(self, key: str, flag: str, seed: int) -> bool:
+        return (self.entry_dir(key, flag, seed) / "config.json").is_file()
+
+    def _run(self, m: Method, flag: str, seed: int, members: list[Path]) -> dict:
+        from zoo.api import build, evaluate, load
+
+        store = self.store(m.key, seed)
+        os.environ["ZOO_HOME"] = str(store)
+        name = m.name.format(arch=self.arch, flag=flag)
+        overrides = [*m.overrides, f"seed={seed}"]
+        t0 = time.perf_counter()
+        if m.key.startswith("ensemble"):
+            overrides.append(f"ensemble.members=[{', '.join(map(str, members))}]")
+        elif m.members and m.kind == "build":  # the teacher entry (an ensemble) goes into this store first
+            teacher = f"ensemble-{self.arch}-{flag}"
+            build(teacher, [f"ensemble.members=[{', '.join(map(str, members))}]"], progress=False,
+                  config_files=list(m.config_files))
+        if m.kind == "train":
+            from training.entries import train_config
+
+            d = train_config(m.config_files[0], [*overrides, f"data.dataset={flag}", f"model.arch={self.arch}",
+                                                 f"teacher.backbone=[{', '.join(map(str, members))}]",
+                                                 f"output_dir={store}", f"run_name={name}", "train.progress=false"],
+                             progress=not self.quiet)
+        else:
+            d = build(name, overrides, progress=not self.quiet, config_files=list(m.config_files))
+        metrics = json.loads((d / "metrics.json").read_text())
+        config = json.loads((d / "config.json").read_text())
+        test = evaluate(load(d), "test")
+        task = config["entry"]["task"]
+        return {
+            "run": self.result(m.key, flag, seed).stem, "method": m.key, "arch": self.arch, "dataset": flag,
+            "seed": seed, "entry": name, "folder": str(d), "config_files": list(m.config_files),
+            "overrides": overrides, "val": metrics["val"], "test": metrics["test"],
+            "best_epoch": metrics["best_epoch"], "epochs": metrics["epochs"], "train_time_s": metrics["train_time_s"],
+            "wall_time_s": round(time.perf_counter() - t0, 1), "teacher": metrics.get("teacher"),
+            "teacher_gate": metrics.get("teacher_gate"), "search": metrics.get("search"),
+            "members": [str(p) for p in members], "lineage": config.get("lineage"), "task": task,
+            "n_test": int(test["n"]), "test_pred": pack_predictions(test["probs"], task),
+            "commit": _commit(), "torch_threads": _threads(), "machine": platform.machine(),
+        }
 
 
 def _threads() -> int:
@@ -122,34 +224,178 @@ def cmd_run(a) -> None:
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    store_root = Path(a.store).expanduser().resolve()
+    r = Runner(a.arch, Path(a.store).expanduser().resolve(), quiet=not a.progress)
     for flag in a.datasets:
         for key in a.methods:
-            for seed in a.seeds:
-                rid = run_id(key, a.arch, flag, seed)
-                if (RUNS / f"{rid}.json").is_file():
-                    print(f"{rid}: done before", flush=True)
+            for seed in a.seeds if METHODS[key].seeded else [0]:
+                if r.result(key, flag, seed).is_file():
+                    print(f"{r.result(key, flag, seed).stem}: done before", flush=True)
                     continue
-                t0 = time.perf_counter()
-                p = run_one(METHODS[key], a.arch, flag, seed, store_root, quiet=not a.progress)
-                r = json.loads(p.read_text())
-                print(f"{rid}: test acc {r['test']['acc']:.4f} auc {r['test']['auc']:.4f} "
-                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
+                r.ensure(key, flag, seed)
+
+
+# ----------------------------------------------------------------------------------------- report
+
+
+def _rows(arch: str) -> dict[tuple[str, str], dict[int, dict]]:
+    out: dict[tuple[str, str], dict[int, dict]] = {}
+    for p in sorted(RUNS.glob("*.json")):
+        r = json.loads(p.read_text())
+        if r.get("arch", "resnet18") != arch:
+            continue
+        out.setdefault((r["dataset"], r["method"]), {})[int(r["seed"])] = r
+    return out
+
+
+def _test_labels(flag: str) -> np.ndarray:
+    from zoo.data import load_split
+
+    return load_split(flag, "test").labels.numpy()
+
+
+def _correct(r: dict, labels: np.ndarray) -> np.ndarray:
+    """(N,) 1 where the run's test prediction is right (single-label tasks)."""
+    pred = unpack_predictions(r["test_pred"], len(labels))
+    return (pred == labels[:, 0]).astype(np.float64)
+
+
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def paired(a: dict[int, dict], b: dict[int, dict], labels: np.ndarray | None, n_boot: int = 2000) -> dict | None:
+    """``a - b`` paired by seed: mean and 95 % t interval of the per-seed ACC/AUC differences, and a
+    bootstrap interval over test images of the seed-averaged ACC difference."""
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    out: dict = {"seeds": seeds}
+    for k in ("acc", "auc"):
+        d = np.array([a[s]["test"][k] - b[s]["test"][k] for s in seeds])
+        half = T975.get(len(d) - 1, 1.96) * d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else None
+        out[k] = {"mean": float(d.mean()), "per_seed": d.tolist(),
+                  "ci95": [float(d.mean() - half), float(d.mean() + half)] if half is not None else None}
+    if labels is not None and not get_task(a[seeds[0]]["task"]).multilabel:
+        ca = np.mean([_correct(a[s], labels) for s in seeds], axis=0)
+        cb = np.mean([_correct(b[s], labels) for s in seeds], axis=0)
+        rng = np.random.default_rng(0)
+        n = len(labels)
+        boots = np.array([(ca[i] - cb[i]).mean() for i in (rng.integers(0, n, n) for _ in range(n_boot))])
+        out["acc"]["bootstrap95"] = [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))]
+    return out
+
+
+def _ms(vals: list[float]) -> dict:
+    v = np.array(vals)
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else None, "n": len(v)}
+
+
+def _fmt(x: dict | None, key: str = "mean") -> str:
+    if not x:
+        return "—"
+    s = f"{x['mean']:.3f}"
+    return s + (f" ± {x['std']:.3f}" if x.get("std") is not None else "") + (f" (n={x['n']})" if x["n"] < 3 else "")
+
+
+def report(arch: str = "resnet18", out: Path = RESULTS / "medalmighty_table2") -> dict:
+    from zoo import anchors
+
+    rows = _rows(arch)
+    datasets = [f for f in LOCAL if any(d == f for d, _ in rows)]
+    result: dict = {"arch": arch, "datasets": {}}
+    lines = [f"# MedAlmighty Table 2 on our data: {arch} students at 28 px", "",
+             "Mean ± std over seeds of the test split; paired differences are by seed (same initialisation and "
+             "batch order), with a 95 % t interval over seeds and a bootstrap interval over test images. "
+             "Chance: always answering the test split's most frequent class. Runs: "
+             "`python -m benchmarks.medalmighty_table2 run`, this table: `... report`.", ""]
+    for flag in datasets:
+        labels = _test_labels(flag)
+        counts = np.bincount(labels[:, 0]) if labels.shape[1] == 1 else None
+        chance = float(counts.max() / counts.sum()) if counts is not None else None
+        ds: dict = {"chance_acc": chance, "methods": {}}
+        try:
+            v2 = anchors.read("medmnist_v2_benchmark.csv")
+            best = max((r for r in v2 if r["dataset"] == flag and r["metric"] == "acc"),
+                       key=lambda r: float(r["value"]))
+            ref18 = anchors.medmnist_v2(flag, "ResNet-18 (28)")
+            paper = {(r["method"], r["metric"]): (float(r["mean"]), float(r["std"]))
+                     for r in anchors.read("medalmighty_table2.csv") if r["dataset"] == flag}
+        except (FileNotFoundError, KeyError, ValueError):
+            best, ref18, paper = None, None, {}
+        ds["published"] = {"medmnist_v2_best_acc": {"method": best["method"], "acc": float(best["value"])} if best
+                           else None, "medmnist_v2_resnet18_28": ref18,
+                           "medalmighty_paper": {f"{k[0]} {k[1]}": v for k, v in paper.items()}}
+        lines += [f"## {flag}", "",
+                  f"Chance (majority class) ACC {chance:.3f}." if chance is not None else "",
+                  (f"Published: MedMNIST v2 ResNet-18 (28) ACC {ref18['acc']:.3f} / AUC {ref18['auc']:.3f}; best "
+                   f"MedMNIST v2 ACC {float(best['value']):.3f} ({best['method']}); MedAlmighty paper (224 px, "
+                   f"ResNet-50 student, DINOv2 ViT-B/14 teacher): ResNet-50 ACC "
+                   f"{paper.get(('ResNet-50', 'acc'), (float('nan'),))[0]:.3f}, MedAlmighty ACC "
+                   f"{paper.get(('MedAlmighty', 'acc'), (float('nan'),))[0]:.3f}, CA-MKD ACC "
+                   f"{paper.get(('CA-MKD', 'acc'), (float('nan'),))[0]:.3f}.") if best and ref18 else "",
+                  "", "| method | seeds | test ACC | test AUC | val AUC | teacher test ACC | teacher check | "
+                  "Δ ACC vs plain (95 % CI) | Δ AUC vs plain (95 % CI) |", "|---|---|---|---|---|---|---|---|---|"]
+        for key, m in METHODS.items():
+            runs = rows.get((flag, key))
+            if not runs:
+                continue
+            acc = _ms([r["test"]["acc"] for r in runs.values()])
+            auc = _ms([r["test"]["auc"] for r in runs.values()])
+            vauc = _ms([r["val"]["auc"] for r in runs.values()])
+            tacc = [(r["teacher"][0] if isinstance(r["teacher"], list) else r["teacher"])["test"]["acc"]
+                    for r in runs.values() if r.get("teacher")]
+            gates = [g for r in runs.values() for g in (r["teacher_gate"] if isinstance(r.get("teacher_gate"), list)
+                                                       else [r.get("teacher_gate")]) if g]
+            gate = ("—" if not gates else "stronger" if all(g["stronger"] for g in gates)
+                    else f"weaker than {gates[0]['reference']}")
+            cmp = paired(runs, rows.get((flag, m.plain), {}), labels) if m.plain else None
+            entry = {"label": m.label, "acc": acc, "auc": auc, "val_auc": vauc, "seeds": sorted(runs),
+                     "teacher_test_acc": _ms(tacc) if tacc else None, "teacher_check": gate,
+                     "vs": m.plain, "paired": cmp}
+            ds["methods"][key] = entry
+
+            def ci(k: str, cmp: dict | None = cmp) -> str:
+                if not cmp:
+                    return "—"
+                c = cmp[k]
+                s = f"{100 * c['mean']:+.2f} pt"
+                if c.get("ci95"):
+                    s += f" [{100 * c['ci95'][0]:+.2f}, {100 * c['ci95'][1]:+.2f}]"
+                if k == "acc" and c.get("bootstrap95"):
+                    s += f" (boot. [{100 * c['bootstrap95'][0]:+.2f}, {100 * c['bootstrap95'][1]:+.2f}])"
+                return s
+
+            lines.append(f"| {m.label} (`{key}`) | {len(runs)} | {_fmt(acc)} | {_fmt(auc)} | {_fmt(vauc)} | "
+                         f"{_fmt(_ms(tacc)) if tacc else '—'} | {gate} | {ci('acc')} | {ci('auc')} |")
+        lines.append("")
+        result["datasets"][flag] = ds
+    from zoo.store import write_json_atomic
+
+    write_json_atomic(out.with_suffix(".json"), result)
+    out.with_suffix(".md").write_text("\n".join(x for x in lines if x is not None) + "\n")
+    return result
+
+
+def cmd_report(a) -> None:
+    report(a.arch)
+    print(f"wrote {RESULTS / 'medalmighty_table2.md'}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run the missing cells (resumable)")
-    r.add_argument("--methods", nargs="+", default=["plain"], choices=sorted(METHODS))
+    r.add_argument("--methods", nargs="+", default=["plain"], choices=list(METHODS))
     r.add_argument("--datasets", nargs="+", default=LOCAL)
     r.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     r.add_argument("--arch", default="resnet18")
     r.add_argument("--store", default=os.environ.get("BENCH_STORE", "~/.cache/medzoo-bench"),
-                   help="where the runs' zoo entries are built (one store per seed)")
+                   help="where the runs' zoo entries are built (one store per method and seed)")
     r.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     r.add_argument("--progress", action="store_true")
     r.set_defaults(fn=cmd_run)
+    p = sub.add_parser("report", help="the tables from the result files")
+    p.add_argument("--arch", default="resnet18")
+    p.set_defaults(fn=cmd_report)
     a = ap.parse_args()
     a.fn(a)
 

@@ -26,9 +26,11 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torch.nn as nn
+from timm.utils.model_ema import ModelEmaV3
 from tqdm.auto import tqdm
 
 from training import distributed as D
+from training.augment import Augment
 from training.schedules import lr_factors
 from zoo.data import Preprocess, iterate_batches, preprocess
 from zoo.inference import logits_to_probs, predict_logits
@@ -175,6 +177,9 @@ class FitSettings:
     eval_batch_size: int = 256
     log_test_every_epoch: bool = False
     progress: bool = True
+    augment: Augment | None = None  # applied to each training batch (uint8 images), from its own generator
+    augment_seed: int = 0
+    ema: float = 0.0  # > 0: validate and keep an EMA of the weights with this decay (timm's ModelEmaV3)
 
 
 @dataclass
@@ -190,16 +195,29 @@ def _scores(model, x, prep, task, batch_size) -> np.ndarray:
     return logits_to_probs(predict_logits(model, x, prep, batch_size), task).numpy()
 
 
+def _to(x, device: torch.device):
+    """A batch of teacher targets on ``device``: a tensor, or a dict of tensors / lists of tensors."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return [_to(v, device) for v in x]
+
+
 class SupervisedTask:
     """Mini-batches of in-memory data through a classifier, with a :class:`~training.medalmighty.losses.MedAlmightyLoss`
     (optionally against cached teacher logits). Each epoch's order is drawn from ``generator``."""
 
     def __init__(self, runner: D.Runner, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module, batch_size: int,
                  steps_per_epoch: int, generator: torch.Generator | None, env: D.DistEnv, prep: Preprocess | None,
-                 teacher_logits: torch.Tensor | None, channels_last: bool, dtype: torch.dtype | None):
+                 teacher_logits: torch.Tensor | None, channels_last: bool, dtype: torch.dtype | None,
+                 augment: Augment | None = None, augment_seed: int = 0, ema=None):
         self.runner, self.x, self.y, self.loss_fn = runner, x, y, loss_fn
         self.bs, self.steps, self.gen, self.env, self.prep = batch_size, steps_per_epoch, generator, env, prep
         self.teacher_logits, self.cl, self.dtype = teacher_logits, channels_last, dtype
+        self.augment, self.ema = augment, ema
+        # Its own stream (not the batch order's), so a run with augmentation draws the same batches.
+        self.aug_gen = torch.Generator().manual_seed(augment_seed + 0x5EED) if augment is not None else None
         self.batches: list[torch.Tensor] = []
         self.sums = {"loss": 0.0, "task": 0.0, "kd": 0.0}
 
@@ -213,13 +231,16 @@ class SupervisedTask:
         if env.world > 1:  # this process's rows of the global batch (every process drew the same idx)
             offset, size = env.split(rows)
             idx = idx[offset:offset + size]
-        xb = preprocess(self.x[idx], self.prep) if self.prep is not None else self.x[idx].float()
+        raw = self.x[idx]
+        if self.augment is not None:  # the whole global batch is augmented alike on every process
+            raw = self.augment(raw, self.aug_gen)
+        xb = preprocess(raw, self.prep) if self.prep is not None else raw.float()
         xb = xb.to(env.device, non_blocking=True)
         if self.cl:
             xb = xb.contiguous(memory_format=torch.channels_last)
         with torch.autocast(env.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
             logits = self.runner.module(xb)
-        tl = self.teacher_logits[idx].to(env.device) if self.teacher_logits is not None else None
+        tl = _to(self.teacher_logits[idx], env.device) if self.teacher_logits is not None else None
         out = self.loss_fn(logits.float(), self.y[idx].to(env.device), tl)
         for k in self.sums:  # epoch means of the loss terms, before any rescaling below
             self.sums[k] += float(out[k].detach()) * len(idx)
@@ -233,7 +254,8 @@ class SupervisedTask:
         pass
 
     def after_update(self, step: int) -> None:
-        pass
+        if self.ema is not None:
+            self.ema.update(self.runner.inner, step=step)
 
 
 def fit(
@@ -245,7 +267,7 @@ def fit(
     settings: FitSettings,
     loss_fn: nn.Module,
     prep: Preprocess | None = None,
-    teacher_logits: torch.Tensor | None = None,
+    teacher_logits=None,
     test: tuple[torch.Tensor, torch.Tensor] | None = None,
     generator: torch.Generator | None = None,
     desc: str = "train",
@@ -258,7 +280,9 @@ def fit(
     Args:
         settings: the loop's settings (a recipe's ``train`` section, or a probe's).
         prep: preprocessing applied per batch to uint8 images; ``None`` for feature tensors.
-        teacher_logits: (N_train, K) cached teacher logits aligned with ``train``; ``None`` = no KD.
+        teacher_logits: (N_train, K) cached teacher logits aligned with ``train`` (or any object whose
+            ``[idx]`` gives the loss's teacher targets for a batch, e.g. several teachers'); ``None`` = no KD.
+            Trainable parameters of ``loss_fn`` (CA-MKD's projectors) train with the model.
         test: evaluated each epoch only when ``settings.log_test_every_epoch`` (time-to-accuracy
             reports); never used for selection.
         env: the process's place in a multi-process run (:func:`training.distributed.init`); ``None``
@@ -278,6 +302,10 @@ def fit(
     # A step budget for small datasets: 12 epochs of 546 images are too few updates to converge.
     epochs_n = max(s.epochs, math.ceil(s.min_steps / steps))
     model.to(device).train()
+    loss_fn.to(device)
+    if sharded and any(p.requires_grad for p in loss_fn.parameters()):
+        raise ValueError("a loss with trainable parameters (CA-MKD's projectors) trains in one process only; "
+                         "set distributed.strategy=none")
     # FSDP and DeepSpeed flatten parameters into contiguous buffers (FSDP2 refuses channels-last ones).
     cl = s.channels_last and prep is not None and not (sharded and env.strategy in ("fsdp", "deepspeed"))
     if cl:
@@ -289,7 +317,8 @@ def fit(
     # Sharding strategies change the module in place; the returned model is a plain copy.
     plain = copy.deepcopy(model) if sharded and env.strategy in ("fsdp", "deepspeed") else model
     runner = D.wrap(env, model, lambda groups: make_optimizer(groups, s.optimizer, s.lr, s.weight_decay, s.momentum),
-                    lambda m: [p for p in m.parameters() if p.requires_grad],
+                    lambda m: [p for p in m.parameters() if p.requires_grad]
+                    + [p for p in loss_fn.parameters() if p.requires_grad],
                     {"distributed": {"zero_stage": zero_stage}})
     lr = s.lr * lr_factors(s.schedule, epochs_n, steps, s.milestones, s.gamma, s.warmup_epochs)
     loop = Loop(runner, lr, env)
@@ -297,7 +326,12 @@ def fit(
     if sharded and 0 < n % bs < env.world:
         raise ValueError(f"the last batch of each epoch ({n % bs} of {n} images) cannot be split over {env.world} "
                          "processes; change train.batch_size")
-    sup = SupervisedTask(runner, x, y, loss_fn, bs, steps, generator, env, prep, teacher_logits, cl, dtype)
+    if s.ema > 0 and sharded:
+        raise ValueError("train.ema is not supported with several processes yet; use it in single-process runs")
+    ema = ModelEmaV3(model, decay=s.ema, use_warmup=True) if s.ema > 0 else None
+    sup = SupervisedTask(runner, x, y, loss_fn, bs, steps, generator, env, prep, teacher_logits, cl, dtype,
+                         s.augment, s.augment_seed, ema)
+    evaluated = ema.module if ema is not None else model  # what is validated, selected and returned
 
     best = {"auc": -1.0, "epoch": 0, "state": None, "val": {}}
     history: list[dict[str, Any]] = []
@@ -313,7 +347,7 @@ def fit(
         epoch_train_s = time.perf_counter() - clock["t0"]
         clock["train"] += epoch_train_s
         with torch.no_grad():  # every process validates (a forward is collective under sharded strategies)
-            val_m = compute_metrics(val[1].numpy(), _scores(model, val[0], prep, task, s.eval_batch_size), task)
+            val_m = compute_metrics(val[1].numpy(), _scores(evaluated, val[0], prep, task, s.eval_batch_size), task)
         # Time-to-accuracy counts training and validation, not the optional test logging below.
         clock["elapsed"] += time.perf_counter() - clock["t0"]
         row = {"epoch": epoch, "lr": float(lr[(epoch - 1) * steps]), **{k: v / n for k, v in sums.items()},
@@ -321,7 +355,7 @@ def fit(
                "elapsed_s": round(clock["elapsed"], 3)}
         if test is not None and s.log_test_every_epoch:
             with torch.no_grad():
-                test_m = compute_metrics(test[1].numpy(), _scores(model, test[0], prep, task, s.eval_batch_size),
+                test_m = compute_metrics(test[1].numpy(), _scores(evaluated, test[0], prep, task, s.eval_batch_size),
                                          task)
             row.update(test_acc=test_m["acc"], test_auc=test_m["auc"])
         history.append(row)
@@ -331,7 +365,7 @@ def fit(
         auc = D.from_main(val_m["auc"], env)
         if auc > best["auc"]:
             best.update(auc=auc, epoch=epoch, val=val_m,
-                        state=copy.deepcopy(model.state_dict() if not sharded else runner.model_state()))
+                        state=copy.deepcopy(evaluated.state_dict() if not sharded else runner.model_state()))
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.4f}", val_auc=f"{val_m['auc']:.4f}", val_acc=f"{val_m['acc']:.4f}",
                         best=best["epoch"])

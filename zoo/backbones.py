@@ -49,11 +49,13 @@ NAMED_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
                                    patch_size=4, image_size=28)),
     "vit-tiny-p4": ("dinov2", dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, mlp_ratio=4,
                                    patch_size=4, image_size=28)),
-    # DINOv2's ViT-S/14 and ViT-B/14 layouts (GPU, 224 px).
+    # DINOv2's ViT-S/14, ViT-B/14 and ViT-L/14 layouts (GPU, 224 px).
     "vit-small-p14": ("dinov2", dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4,
                                      patch_size=14, image_size=224)),
     "vit-base-p14": ("dinov2", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, mlp_ratio=4,
                                     patch_size=14, image_size=224)),
+    "vit-large-p14": ("dinov2", dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, mlp_ratio=4,
+                                     patch_size=14, image_size=224)),
 }
 
 

@@ -81,6 +81,31 @@ class LinearClassifier(nn.Module):
         return self.head(self.backbone(x))
 
 
+class EnsembleClassifier(nn.Module):
+    """Several classifiers of one task whose logits are averaged: ``forward(x) -> mean_k member_k(x)``.
+
+    Used as a teacher (an ensemble of supervised students distils into one student of their size) and
+    servable as a model in its own right. ``embed`` is the members' embeddings concatenated.
+    """
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least 2 members, got {len(members)}")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x) for m in self.members]).mean(dim=0)
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [m.forward_features(x) for m in self.members]
+
+    def forward_head(self, features: list[torch.Tensor], pre_logits: bool = False) -> torch.Tensor:
+        if pre_logits:
+            return torch.cat([m.forward_head(f, pre_logits=True) for m, f in zip(self.members, features)], dim=-1)
+        return torch.stack([m.forward_head(f) for m, f in zip(self.members, features)]).mean(dim=0)
+
+
 def embed(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The pooled embedding (B, E) of a student or probe: its features before the classifier."""
     return net.forward_head(net.forward_features(x), pre_logits=True)

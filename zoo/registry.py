@@ -24,10 +24,12 @@ import difflib
 import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from zoo.data import DatasetInfo, Preprocess, dataset_info, datasets_2d
-from zoo.tasks import get_task
+from zoo.datasets import DatasetInfo, dataset_info, datasets_2d
+
+if TYPE_CHECKING:
+    from zoo.data import Preprocess
 
 # Student CNNs (timm names): the paper's ResNet50 / SENet50 / SKNet50, plus MedMNIST's ResNet-18.
 STUDENT_ARCHS = ("resnet18", "resnet50", "seresnet50", "skresnet50")
@@ -41,7 +43,7 @@ TEACHER_BACKBONES = {
 }
 # DINO-MX backbones pretrained here (random init, no download): small enough for a CPU at 28 px.
 DINOMX_BACKBONES = ("vit-mini-p4",)
-METHODS = ("baseline", "medalmighty", "linear", "dinomx")
+METHODS = ("baseline", "medalmighty", "linear", "dinomx", "ensemble", "camkd")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MEDMNIST_MEAN = (0.5,)
@@ -107,10 +109,16 @@ class ZooEntry:
 
     @property
     def num_outputs(self) -> int:
+        # function-level import: zoo.tasks imports torch, which listing the registry (`zoo list`) must not
+        from zoo.tasks import get_task
+
         return get_task(self.task).num_outputs(len(self.labels))
 
     @property
     def preprocess(self) -> Preprocess:
+        # function-level import: zoo.data imports torch, which listing the registry (`zoo list`) must not
+        from zoo.data import Preprocess
+
         return Preprocess(self.input_size, self.in_chans, self.mean, self.std, self.resize)
 
     @property
@@ -193,6 +201,17 @@ def student_entry(method: str, arch: str, info: DatasetInfo, *, tag: str = "", i
         teacher_input_size=teacher_input_size if method == "medalmighty" else None)
 
 
+def ensemble_entry(arch: str, info: DatasetInfo, *, tag: str = "", size: int = 3, input_size: int = 28,
+                   small_stem: bool = True, resize: str = "bilinear", data_size: int = 28) -> ZooEntry:
+    """``size`` supervised students (seeds ``seed``, ``seed + 1``, ...) whose logits are averaged: a teacher
+    that can win offline, and a model in its own right (not the paper's method)."""
+    e = student_entry("baseline", arch, info, tag=tag, input_size=input_size, small_stem=small_stem, resize=resize,
+                      data_size=data_size)
+    pins = tuple(_pin("method", "ensemble") if p.startswith("method=") else p for p in e.overrides)
+    return dataclasses.replace(e, name=_named(f"ensemble-{arch}-{info.flag}", tag), method="ensemble",
+                               overrides=pins + (_pin("ensemble.size", size),))
+
+
 def linear_entry(arch: str, info: DatasetInfo, *, tag: str = "", input_size: int = HUB_TEACHER_SIZE,
                  resize: str = "bilinear", data_size: int = 28) -> ZooEntry:
     """A frozen hub ViT with a linear head: the paper's "DINOv2 + linear" baseline and teacher."""
@@ -236,6 +255,7 @@ TEACHER_VARIANTS: dict[str, tuple[str, int]] = {
     "dinov2s-224": (TEACHER_BACKBONES["dinov2-vits14"], HUB_TEACHER_SIZE),
     "dinov2l-224": (TEACHER_BACKBONES["dinov2-vitl14"], HUB_TEACHER_SIZE),
     "dinomx-28": ("dinomx-vit-mini-p4-{flag}", 28),  # offline: our own DINO-MX backbone + a linear probe
+    "ens-28": ("ensemble-{arch}-{flag}", 28),  # offline: an ensemble of supervised students of the student's size
 }
 
 
@@ -256,8 +276,9 @@ def _declare() -> dict[str, ZooEntry]:
                 add(student_entry("medalmighty", arch, info, tag=tag, teacher=teacher, teacher_input_size=size, **sv))
             for tag, (teacher, size) in TEACHER_VARIANTS.items():
                 if tag:  # teacher variants of the 28 px student
-                    add(student_entry("medalmighty", arch, info, tag=tag, teacher=teacher.format(flag=flag),
+                    add(student_entry("medalmighty", arch, info, tag=tag, teacher=teacher.format(flag=flag, arch=arch),
                                       teacher_input_size=size, **STUDENT_VARIANTS[""]))
+            add(ensemble_entry(arch, info, **STUDENT_VARIANTS[""]))
         for arch in TEACHER_BACKBONES:
             add(linear_entry(arch, info))
         for arch in DINOMX_BACKBONES:

@@ -21,7 +21,7 @@ from zoo.registry import (
     registry,
 )
 
-EXPECTED_PER_DATASET = [f"{m}-{a}" for m in ("baseline", "medalmighty")
+EXPECTED_PER_DATASET = [f"{m}-{a}" for m in ("baseline", "medalmighty", "ensemble")
                         for a in ("resnet18", "resnet50", "seresnet50", "skresnet50")] + [
     f"linear-dinov2-{v}" for v in ("vits14", "vitb14", "vitl14")] + ["dinomx-vit-mini-p4"]
 
@@ -30,7 +30,7 @@ def test_every_dataset_has_every_entry():
     names = set(list_models())
     want = {f"{prefix}-{flag}" for flag in datasets_2d() for prefix in EXPECTED_PER_DATASET}
     assert names == want
-    assert len(names) == 12 * 12
+    assert len(names) == 12 * 16
     assert list_models() == sorted(names)
     assert zoo.list_models() == list_models()
 
@@ -58,6 +58,8 @@ def test_entry_fields_consistent(name):
         assert e.in_chans == info.n_channels
         assert f"model.arch={e.arch}" in e.overrides
         assert (e.teacher is not None) == (e.method == "medalmighty")
+        if e.method == "ensemble":  # a teacher made of supervised students: members in its recipe
+            assert "ensemble" in e.recipe or any(o.startswith("ensemble.") for o in e.overrides)
     if e.method != "dinomx":
         assert f"method={e.method}" in e.overrides and f"data.dataset={e.dataset}" in e.overrides
     p = e.preprocess
@@ -77,7 +79,7 @@ def test_pattern_glob_and_substring():
     glob = list_models("baseline-*")
     assert len(glob) == 12 * 4 and all(n.startswith("baseline-") for n in glob)
     sub = list_models("breastmnist")
-    assert len(sub) == 12 and all(n.endswith("-breastmnist") for n in sub)
+    assert len(sub) == 16 and all(n.endswith("-breastmnist") for n in sub)
     assert list_models("*-resnet18-*mnist") == [n for n in list_models() if "-resnet18-" in n]
     assert list_models("linear-dinov2-vit?14-bloodmnist") == [
         "linear-dinov2-vitb14-bloodmnist", "linear-dinov2-vitl14-bloodmnist", "linear-dinov2-vits14-bloodmnist"]
@@ -124,3 +126,36 @@ def test_from_dict_rejects_unknown_fields():
     d["colour"] = "blue"
     with pytest.raises(ValueError, match=r"unknown fields \['colour'\]"):
         ZooEntry.from_dict(d)
+
+
+def test_metadata_is_medmnists_own_info_read_without_importing_medmnist(monkeypatch):
+    import sys
+
+    from medmnist import INFO
+
+    from zoo.datasets import medmnist_info
+
+    monkeypatch.delitem(sys.modules, "medmnist.info")  # as in a process that never imported medmnist
+    medmnist_info.cache_clear()
+    try:
+        got = medmnist_info()
+        assert got == INFO and got is not INFO  # the same file's INFO, executed on its own
+    finally:
+        medmnist_info.cache_clear()
+
+
+def test_registry_imports_no_torch(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = ("import sys, zoo.cli, zoo.registry; zoo.registry.list_models(); "
+            "e = zoo.registry.get_entry('baseline-resnet18-breastmnist'); e.to_dict(); e.pins(); "
+            "print(sorted(m for m in ('torch', 'torchvision', 'medmnist', 'zoo.data', 'zoo.tasks') "
+            "if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "ZOO_HOME": str(tmp_path)},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"

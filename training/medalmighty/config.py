@@ -46,7 +46,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    backbone: str
+    backbone: str | tuple[str, ...]
     pooling: Literal["cls", "mean", "cls+mean"]
     input_size: int | None
     revision: str | None
@@ -79,10 +79,25 @@ class DistillConfig:
     alpha: float
     temperature: float
     require_stronger_teacher: bool
+    search: Literal["none", "grid"]
+    grid: tuple[tuple[float, float], ...]
+    feature_weight: float
 
     def __post_init__(self) -> None:
         check(0.0 <= self.alpha <= 1.0, "distill.alpha", f"must be in [0, 1], got {self.alpha}")
         check(self.temperature > 0, "distill.temperature", f"must be > 0, got {self.temperature}")
+        check(len(self.grid) >= 1 and all(t > 0 and 0 <= a <= 1 for t, a in self.grid), "distill.grid",
+              f"must be (temperature > 0, alpha in [0, 1]) pairs, got {[list(p) for p in self.grid]}")
+        check(self.feature_weight >= 0, "distill.feature_weight", f"must be >= 0, got {self.feature_weight}")
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    size: int
+    members: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        check(self.size >= 2, "ensemble.size", f"must be at least 2, got {self.size}")
 
 
 @dataclass(frozen=True)
@@ -103,9 +118,16 @@ class TrainConfig:
     eval_batch_size: int
     log_test_every_epoch: bool
     progress: bool
+    augment: Literal["none", "light"]
+    flip: Literal["auto", "none", "horizontal", "both"]
+    crop_padding: int
+    ema: float
 
     def __post_init__(self) -> None:
         check(self.epochs >= 1, "train.epochs", f"must be at least 1, got {self.epochs}")
+        check(0 <= self.crop_padding <= 16, "train.crop_padding",
+              f"must be within [0, 16] pixels, got {self.crop_padding}")
+        check(self.ema == 0 or 0 < self.ema < 1, "train.ema", f"must be 0 (off) or a decay in (0, 1), got {self.ema}")
         check(self.min_steps >= 0, "train.min_steps", f"must be >= 0, got {self.min_steps}")
         check(self.batch_size >= 1, "train.batch_size", f"must be at least 1, got {self.batch_size}")
         check(self.lr > 0, "train.lr", f"must be positive, got {self.lr}")
@@ -144,6 +166,7 @@ class MedAlmightyConfig:
     teacher: TeacherConfig
     probe: ProbeConfig
     distill: DistillConfig
+    ensemble: EnsembleConfig
     train: TrainConfig
     distributed: DistributedConfig
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from training.probe import Probe, linear_probe
 from zoo.backbones import ViTBackbone, backbone_normalisation
 from zoo.data import Preprocess, Split, fingerprint
 from zoo.inference import predict_logits
-from zoo.loading import backbone_dir, load, load_backbone
+from zoo.loading import backbone_dir, load, load_backbone, resolve
 from zoo.models import state_dict_sha256
 from zoo.registry import registry
 
@@ -158,3 +158,121 @@ def teacher_logits(teacher: Teacher, head: nn.Linear, feats: dict[str, torch.Ten
     out = {s: head(f).float() for s, f in feats.items()}
     _save_atomic(out, path)
     return out
+
+
+# ----------------------------------------------------------------------------------------- teachers' outputs
+
+CLASSIFIER_METHODS = ("baseline", "medalmighty", "ensemble", "camkd")  # built entries that are classifiers
+
+
+@dataclass
+class TeacherOutputs:
+    """What a frozen teacher gives on every split, computed once and cached.
+
+    Attributes:
+        source: how the teacher was named (zoo name, folder or hub id).
+        sha256: content hash of its weights.
+        logits: split -> (N, K) logits.
+        features: split -> (N, D) the features its linear classifier reads (CA-MKD's feature term), or None.
+        head: that linear classifier (D -> K), or None.
+        vit: the ViT teacher (backbone, preprocessing) when the teacher is one, else None.
+        probe: the linear probe trained here on a ViT's features, else None.
+        lineage: what the card and config.json record about it.
+    """
+
+    source: str
+    sha256: str
+    logits: dict[str, torch.Tensor]
+    features: dict[str, torch.Tensor] | None
+    head: nn.Linear | None
+    vit: Teacher | None = None
+    probe: Probe | None = None
+    lineage: dict[str, Any] | None = None
+
+
+def _classifier_source(src: str) -> Path | None:
+    """The folder of a built classifier entry or run (student, ensemble), when ``src`` names one."""
+    reg = registry()
+    if src in reg:
+        if reg[src].method not in CLASSIFIER_METHODS:
+            return None
+        return resolve(src).dir
+    p = Path(src.removeprefix("path=")).expanduser()
+    if (p / "config.json").is_file():
+        try:
+            entry = store.read_config(p)["entry"]
+        except store.WeightsCorruptedError:
+            return None
+        if entry.get("method") in CLASSIFIER_METHODS:
+            return p
+    return None
+
+
+@torch.no_grad()
+def classifier_outputs(folder: Path, src: str, splits: dict[str, Split], cfg: MedAlmightyConfig,
+                       progress: bool = True) -> TeacherOutputs:
+    """Logits (and pooled features with the classifier, for single networks) of a built classifier entry on
+    every split, cached under the hash of its weights and of the images."""
+    zm = load(folder)
+    sha = state_dict_sha256(zm.net)
+    prep = zm.entry.preprocess
+    key = _key(kind="classifier", net=sha, dataset=cfg.data.dataset, size=cfg.data.size, data=fingerprint(splits),
+               prep=asdict(prep))
+    path = cache_dir() / f"classifier-{key}.safetensors"
+    single = hasattr(zm.net, "get_classifier") and isinstance(zm.net.get_classifier(), nn.Linear)
+    cached = load_file(path) if path.is_file() else {}
+    if not all(f"logits.{s}" in cached for s in splits):
+        bs = cfg.teacher.batch_size
+        cached = {}
+        for name, split in splits.items():
+            if single:
+                feats = predict_logits(_Embed(zm.net), split.images, prep, bs,
+                                       desc=f"teacher ({name})" if progress else None)
+                cached[f"features.{name}"] = feats
+                cached[f"logits.{name}"] = zm.net.get_classifier()(feats).float()
+            else:
+                cached[f"logits.{name}"] = predict_logits(zm.net, split.images, prep, bs,
+                                                          desc=f"teacher ({name})" if progress else None)
+        _save_atomic(cached, path)
+    logits = {s: cached[f"logits.{s}"] for s in splits}
+    feats = {s: cached[f"features.{s}"] for s in splits} if single else None
+    head = zm.net.get_classifier() if single else None
+    if head is not None:
+        head = nn.Linear(head.in_features, head.out_features).requires_grad_(False)
+        head.load_state_dict(zm.net.get_classifier().state_dict())
+    lineage = {"teacher_backbone": src, "teacher_sha256": sha, "teacher_kind": zm.entry.method,
+               "teacher_input_size": prep.input_size, "teacher_resolution": "the classifier entry's input size"}
+    return TeacherOutputs(src, sha, logits, feats, head, lineage=lineage)
+
+
+class _Embed(nn.Module):
+    """A classifier's pooled features (what its linear classifier reads)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.forward_head(self.net.forward_features(x), pre_logits=True)
+
+
+def teacher_outputs(src: str, cfg: MedAlmightyConfig, splits: dict[str, Split], task: str, n_labels: int,
+                    generator: torch.Generator, progress: bool = True) -> TeacherOutputs:
+    """The outputs of the teacher ``src``: a built classifier (student, ensemble) as it is, or a ViT
+    backbone (zoo entry, folder or hub id) with its linear probe (trained here when it has none)."""
+    folder = _classifier_source(src)
+    if folder is not None:
+        return classifier_outputs(folder, src, splits, cfg, progress)
+    vit = load_teacher(replace(cfg, teacher=replace(cfg.teacher, backbone=src)))
+    feats = features(vit, splits, cfg, progress)
+    probe = None
+    if vit.head is not None:
+        head = vit.head
+    else:
+        probe = train_probe(feats, splits, task, n_labels, cfg, generator, progress)
+        head = probe.head
+    logits = teacher_logits(vit, head, feats, cfg)
+    lineage = {"teacher_backbone": vit.source, "teacher_sha256": vit.sha256,
+               "teacher_input_size": vit.prep.input_size, "teacher_resolution": vit.resolution,
+               "pooling": vit.backbone.pooling}
+    return TeacherOutputs(src, vit.sha256, logits, feats, head, vit=vit, probe=probe, lineage=lineage)
