@@ -22,6 +22,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import time
 import zlib
@@ -40,6 +41,7 @@ RUNS = Path(os.environ.get("MEDALMIGHTY_RUNS", RESULTS / "medalmighty" / "runs")
 LOCAL = ["breastmnist", "pneumoniamnist", "bloodmnist", "organamnist"]
 PAPER = "medalmighty/cpu-fast.yaml"  # the paper's recipe (no augmentation) on a CPU schedule
 AUG = "medalmighty/cpu-aug.yaml"     # the same schedule with light augmentation and a weight EMA
+DINOMX = "dinomx/cpu.yaml"           # DINO-MX pretraining on a CPU (vit-mini-p4, 28 px)
 MEMBER_SEEDS = (0, 1, 2)             # the plain students an ensemble (or CA-MKD's teachers) is made of
 
 
@@ -51,7 +53,10 @@ class Method:
         name: the zoo entry (``{arch}``, ``{flag}`` filled in), or for ``kind="train"`` the run's prefix.
         plain: the method a distilled row is compared with (paired by seed), e.g. ``plain``.
         members: the method whose seeds make the teacher (an ensemble or CA-MKD's teachers).
-        seeded: False for rows without a seed of their own (an ensemble assembled from seeds 0-2).
+        needs: methods whose (unseeded) entries this run needs in its store (a DINO-MX backbone under a
+            fine-tuned teacher); for CA-MKD with ``needs`` they are its teachers instead of ``members``.
+        seeded: False for rows without a seed of their own (an ensemble assembled from seeds 0-2, a
+            teacher that every student seed shares).
     """
 
     key: str
@@ -59,9 +64,10 @@ class Method:
     name: str
     config_files: tuple[str, ...] = (PAPER,)
     overrides: tuple[str, ...] = ()
-    kind: str = "build"  # build: `zoo build name`; train: `zoo train` (CA-MKD's teachers are run folders)
+    kind: str = "build"  # build: `zoo build name`; train: `zoo train` (CA-MKD's teachers are folders); backbone
     plain: str | None = None
     members: str | None = None
+    needs: tuple[str, ...] = ()
     seeded: bool = True
     note: str = ""
 
@@ -88,6 +94,16 @@ METHODS: dict[str, Method] = {m.key: m for m in (
     _camkd("camkd", "CA-MKD from the 3 plain students (paper recipe)", (PAPER,), "plain", "plain"),
     _camkd("camkd-aug", "CA-MKD from the 3 augmented students, light augmentation + EMA", (AUG,), "plain-aug",
            "plain-aug"),
+    Method("dinomx", "DINO-MX ViT-mini/4 backbone: kNN (k = 11) on its features", "dinomx-vit-mini-p4-{flag}",
+           (DINOMX,), kind="backbone", seeded=False, note="self-supervised on the dataset's training images"),
+    Method("finetune", "teacher: the DINO-MX backbone fine-tuned with the labels", "finetune-vit-mini-p4-{flag}", (),
+           needs=("dinomx",), seeded=False, note="not the paper's frozen teacher"),
+    Method("kd-dinomx", "distilled from DINO-MX + linear (the paper's frozen teacher, offline)",
+           "medalmighty-{arch}-{flag}.dinomx-28", needs=("dinomx",), plain="plain"),
+    Method("kd-ft", "distilled from the fine-tuned DINO-MX teacher", "medalmighty-{arch}-{flag}.ft-28",
+           needs=("finetune",), plain="plain"),
+    Method("camkd-ens-ft", "CA-MKD from the ensemble and the fine-tuned DINO-MX teacher", "camkd-{arch}-{flag}",
+           (PAPER,), ("method=camkd",), kind="train", plain="plain", needs=("ensemble", "finetune")),
     *(Method(f"kd-ens-t{t:g}-a{a:g}", f"distilled from the ensemble, t = {t:g}, a = {a:g} (Table 4)",
              "medalmighty-{arch}-{flag}.ens-28", (PAPER,), (f"distill.temperature={t}", f"distill.alpha={a}"),
              members="plain", plain="plain") for t, a in ((2.0, 0.2), (5.0, 0.5), (8.0, 0.8))),
@@ -160,6 +176,8 @@ class Runner:
             for s in MEMBER_SEEDS:
                 self.ensure(m.members, flag, s, need_entry=True)
                 members.append(self.entry_dir(m.members, flag, s))
+        for need in m.needs:
+            self.ensure(need, flag, 0, need_entry=True)
         t0 = time.perf_counter()
         row = self._run(m, flag, seed, members)
         if not out.is_file():
@@ -181,6 +199,16 @@ class Runner:
         name = m.name.format(arch=self.arch, flag=flag)
         overrides = [*m.overrides, f"seed={seed}"]
         t0 = time.perf_counter()
+        needed = [self.entry_dir(n, flag, 0) for n in m.needs]
+        if m.kind == "train" and needed:  # CA-MKD from other teachers than plain students
+            members = needed
+        elif needed:  # the entries it is built from, by name in its own store
+            for src in needed:
+                if not (store / src.name / "config.json").is_file():
+                    shutil.copytree(src, store / src.name, dirs_exist_ok=True)
+        if m.kind == "backbone":
+            d = build(name, overrides, progress=not self.quiet, config_files=list(m.config_files))
+            return self._backbone_row(m, flag, seed, name, d, overrides, t0)
         if m.key.startswith("ensemble"):
             overrides.append(f"ensemble.members=[{', '.join(map(str, members))}]")
         elif m.members and m.kind == "build":  # the teacher entry (an ensemble) goes into this store first
@@ -213,6 +241,22 @@ class Runner:
         }
 
 
+    def _backbone_row(self, m: Method, flag: str, seed: int, name: str, d: Path, overrides: list[str],
+                      t0: float) -> dict:
+        """A DINO-MX backbone's row: its kNN figures (and the linear probe's, when its build ran one)."""
+        metrics = json.loads((d / "metrics.json").read_text())
+        knn = metrics["knn"][flag]
+        return {
+            "run": self.result(m.key, flag, seed).stem, "method": m.key, "arch": self.arch, "dataset": flag,
+            "seed": seed, "entry": name, "folder": str(d), "config_files": list(m.config_files),
+            "overrides": overrides, "val": knn["val"], "test": knn["test"], "knn": metrics["knn"],
+            "linear": metrics.get("linear"), "eval": metrics.get("eval"), "report": metrics.get("report"),
+            "train_time_s": (metrics.get("report") or {}).get("train_seconds"),
+            "wall_time_s": round(time.perf_counter() - t0, 1), "task": metrics.get("task"),
+            "commit": _commit(), "torch_threads": _threads(), "machine": platform.machine(),
+        }
+
+
 def _threads() -> int:
     import torch
 
@@ -237,13 +281,22 @@ def cmd_run(a) -> None:
 # ----------------------------------------------------------------------------------------- report
 
 
-def _rows(arch: str) -> dict[tuple[str, str], dict[int, dict]]:
-    out: dict[tuple[str, str], dict[int, dict]] = {}
+def _rows() -> dict[tuple[str, str, str], dict[int, dict]]:
+    """(arch, dataset, method) -> seed -> run result."""
+    out: dict[tuple[str, str, str], dict[int, dict]] = {}
     for p in sorted(RUNS.glob("*.json")):
         r = json.loads(p.read_text())
-        if r.get("arch", "resnet18") != arch:
-            continue
-        out.setdefault((r["dataset"], r["method"]), {})[int(r["seed"])] = r
+        out.setdefault((r.get("arch", "resnet18"), r["dataset"], r["method"]), {})[int(r["seed"])] = r
+    return out
+
+
+def _teacher_rows(runs: dict[int, dict]) -> dict[int, dict]:
+    """The teacher's own figures from the distilled runs that trained its probe (one per student seed)."""
+    out = {}
+    for seed, r in runs.items():
+        t = r.get("teacher")
+        if isinstance(t, dict) and "test" in t:
+            out[seed] = {"test": t["test"], "val": t["val"], "task": r["task"]}
     return out
 
 
@@ -296,87 +349,165 @@ def _fmt(x: dict | None, key: str = "mean") -> str:
     return s + (f" ± {x['std']:.3f}" if x.get("std") is not None else "") + (f" (n={x['n']})" if x["n"] < 3 else "")
 
 
-def report(arch: str = "resnet18", out: Path = RESULTS / "medalmighty_table2") -> dict:
+# Rows computed from other rows: the DINO-MX linear probe is trained inside each ``kd-dinomx`` run.
+DERIVED = {"dinomx-linear": ("kd-dinomx", "teacher: DINO-MX + linear probe (frozen; the paper's teacher, offline)")}
+TEACHERS = ("ensemble", "ensemble-aug", "finetune", "dinomx", "dinomx-linear")  # not students: no goal check
+
+
+def _published(flag: str) -> dict:
     from zoo import anchors
 
-    rows = _rows(arch)
-    datasets = [f for f in LOCAL if any(d == f for d, _ in rows)]
-    result: dict = {"arch": arch, "datasets": {}}
-    lines = [f"# MedAlmighty Table 2 on our data: {arch} students at 28 px", "",
+    try:
+        v2 = [r for r in anchors.read("medmnist_v2_benchmark.csv") if r["dataset"] == flag]
+        best = max((r for r in v2 if r["metric"] == "acc"), key=lambda r: float(r["value"]), default=None)
+        ref18 = anchors.medmnist_v2(flag, "ResNet-18 (28)")
+        paper = {f"{r['method']} {r['metric']}": {"mean": float(r["mean"]), "std": float(r["std"])}
+                 for r in anchors.read("medalmighty_table2.csv") if r["dataset"] == flag}
+    except (FileNotFoundError, KeyError, ValueError):
+        return {"medmnist_v2_best_acc": None, "medmnist_v2_resnet18_28": None, "medalmighty_paper": {}}
+    return {"medmnist_v2_best_acc": {"method": best["method"], "acc": float(best["value"])} if best else None,
+            "medmnist_v2_resnet18_28": ref18, "medalmighty_paper": paper}
+
+
+def _ci(cmp: dict | None, k: str) -> str:
+    if not cmp:
+        return "—"
+    c = cmp[k]
+    s = f"{100 * c['mean']:+.2f} pt"
+    if c.get("ci95"):
+        s += f" [{100 * c['ci95'][0]:+.2f}, {100 * c['ci95'][1]:+.2f}]"
+    if k == "acc" and c.get("bootstrap95"):
+        s += f" (boot. [{100 * c['bootstrap95'][0]:+.2f}, {100 * c['bootstrap95'][1]:+.2f}])"
+    return s
+
+
+def _pf(x: dict | None) -> str:
+    return "—" if not x else f"{x['mean']:.3f} ± {x['std']:.3f}"
+
+
+def _dataset_table(arch: str, flag: str, rows: dict, lines: list[str]) -> dict:
+    labels = _test_labels(flag)
+    counts = np.bincount(labels[:, 0]) if labels.shape[1] == 1 else None
+    chance = float(counts.max() / counts.sum()) if counts is not None else None
+    pub = _published(flag)
+    ds: dict = {"chance_acc": chance, "published": pub, "methods": {}}
+    paper = pub["medalmighty_paper"]
+    ref18, best = pub["medmnist_v2_resnet18_28"], pub["medmnist_v2_best_acc"]
+    lines += [f"### {flag}", "",
+              f"Chance (majority class) test ACC {chance:.3f}." if chance is not None else "",
+              (f"Published: MedMNIST v2 ResNet-18 (28) ACC {ref18['acc']:.3f} / AUC {ref18['auc']:.3f}; best MedMNIST "
+               f"v2 ACC {best['acc']:.3f} ({best['method']}). MedAlmighty paper (224 px, ResNet-50 student, DINOv2 "
+               f"ViT-B/14 teacher): ResNet-50 ACC {_pf(paper.get('ResNet-50 acc'))}, MedAlmighty ACC "
+               f"{_pf(paper.get('MedAlmighty acc'))}, CA-MKD ACC {_pf(paper.get('CA-MKD acc'))}.")
+              if ref18 and best else "",
+              "", "| method | seeds | test ACC | test AUC | val AUC | teacher test ACC | teacher check | "
+              "Δ ACC vs plain (95 % CI) | Δ AUC vs plain (95 % CI) |", "|---|---|---|---|---|---|---|---|---|"]
+    keyed = [(k, m.label, m.plain, rows.get((arch, flag, k))) for k, m in METHODS.items()]
+    keyed += [(k, label, None, _teacher_rows(rows.get((arch, flag, src), {}))) for k, (src, label) in DERIVED.items()]
+    for key, label, plain, runs in keyed:
+        if not runs:
+            continue
+        acc = _ms([r["test"]["acc"] for r in runs.values()])
+        auc = _ms([r["test"]["auc"] for r in runs.values()])
+        vauc = _ms([r["val"]["auc"] for r in runs.values()])
+        tacc = [(r["teacher"][0] if isinstance(r["teacher"], list) else r["teacher"])["test"]["acc"]
+                for r in runs.values() if r.get("teacher")]
+        gates = [g for r in runs.values() for g in (r["teacher_gate"] if isinstance(r.get("teacher_gate"), list)
+                                                   else [r.get("teacher_gate")]) if g]
+        gate = ("—" if not gates else "stronger" if all(g["stronger"] for g in gates)
+                else f"weaker than {gates[0]['reference']} ({sum(not g['stronger'] for g in gates)}/{len(gates)})")
+        cmp = paired(runs, rows.get((arch, flag, plain), {}), labels) if plain else None
+        ds["methods"][key] = {"label": label, "acc": acc, "auc": auc, "val_auc": vauc, "seeds": sorted(runs),
+                              "teacher_test_acc": _ms(tacc) if tacc else None, "teacher_check": gate, "vs": plain,
+                              "paired": cmp}
+        lines.append(f"| {label} (`{key}`) | {len(runs)} | {_fmt(acc)} | {_fmt(auc)} | {_fmt(vauc)} | "
+                     f"{_fmt(_ms(tacc)) if tacc else '—'} | {gate} | {_ci(cmp, 'acc')} | {_ci(cmp, 'auc')} |")
+    lines.append("")
+    return ds
+
+
+def _goal(ds: dict) -> dict:
+    """The issue's check on one dataset: the best distilled student (by mean test ACC over >= 3 seeds) against
+    the plain one, and the best student against the best MedMNIST v2 ACC."""
+    ms = ds["methods"]
+    plain = ms.get("plain")
+    distilled = {k: v for k, v in ms.items() if v["vs"] and k.startswith(("kd", "camkd")) and v["acc"]["n"] >= 3}
+    students = {k: v for k, v in ms.items() if k not in TEACHERS}
+    out: dict = {"plain": plain["acc"]["mean"] if plain else None}
+    if distilled and plain:
+        k, v = max(distilled.items(), key=lambda kv: kv[1]["acc"]["mean"])
+        p = v["paired"] or {}
+        gain = p.get("acc", {}).get("mean")
+        auc_gain = p.get("auc", {}).get("mean")
+        out.update(best_distilled=k, distilled_acc=v["acc"]["mean"], gain_pt=100 * gain if gain is not None else None,
+                   auc_gain_pt=100 * auc_gain if auc_gain is not None else None,
+                   met=gain is not None and gain >= 0.005 and auc_gain is not None and auc_gain >= 0)
+    if students:
+        k, v = max(students.items(), key=lambda kv: kv[1]["acc"]["mean"])
+        best = ds["published"]["medmnist_v2_best_acc"]
+        out.update(best_student=k, best_student_acc=v["acc"]["mean"],
+                   v2_best=best["acc"] if best else None,
+                   reaches_v2_best=bool(best) and v["acc"]["mean"] >= best["acc"])
+    return out
+
+
+def report(out: Path = RESULTS / "medalmighty_table2") -> dict:
+    """Table 2 from the result files: one section per student architecture, one table per dataset (the local
+    four first, then any other dataset that has runs), and the issue's goal check per dataset."""
+    rows = _rows()
+    archs = sorted({a for a, _, _ in rows}, key=lambda a: (a != "resnet18", a))
+    result: dict = {"archs": {}}
+    lines = ["# MedAlmighty Table 2 on our data (28 px)", "",
              "Mean ± std over seeds of the test split; paired differences are by seed (same initialisation and "
              "batch order), with a 95 % t interval over seeds and a bootstrap interval over test images. "
-             "Chance: always answering the test split's most frequent class. Runs: "
-             "`python -m benchmarks.medalmighty_table2 run`, this table: `... report`.", ""]
-    for flag in datasets:
-        labels = _test_labels(flag)
-        counts = np.bincount(labels[:, 0]) if labels.shape[1] == 1 else None
-        chance = float(counts.max() / counts.sum()) if counts is not None else None
-        ds: dict = {"chance_acc": chance, "methods": {}}
-        try:
-            v2 = anchors.read("medmnist_v2_benchmark.csv")
-            best = max((r for r in v2 if r["dataset"] == flag and r["metric"] == "acc"),
-                       key=lambda r: float(r["value"]))
-            ref18 = anchors.medmnist_v2(flag, "ResNet-18 (28)")
-            paper = {(r["method"], r["metric"]): (float(r["mean"]), float(r["std"]))
-                     for r in anchors.read("medalmighty_table2.csv") if r["dataset"] == flag}
-        except (FileNotFoundError, KeyError, ValueError):
-            best, ref18, paper = None, None, {}
-        ds["published"] = {"medmnist_v2_best_acc": {"method": best["method"], "acc": float(best["value"])} if best
-                           else None, "medmnist_v2_resnet18_28": ref18,
-                           "medalmighty_paper": {f"{k[0]} {k[1]}": v for k, v in paper.items()}}
-        lines += [f"## {flag}", "",
-                  f"Chance (majority class) ACC {chance:.3f}." if chance is not None else "",
-                  (f"Published: MedMNIST v2 ResNet-18 (28) ACC {ref18['acc']:.3f} / AUC {ref18['auc']:.3f}; best "
-                   f"MedMNIST v2 ACC {float(best['value']):.3f} ({best['method']}); MedAlmighty paper (224 px, "
-                   f"ResNet-50 student, DINOv2 ViT-B/14 teacher): ResNet-50 ACC "
-                   f"{paper.get(('ResNet-50', 'acc'), (float('nan'),))[0]:.3f}, MedAlmighty ACC "
-                   f"{paper.get(('MedAlmighty', 'acc'), (float('nan'),))[0]:.3f}, CA-MKD ACC "
-                   f"{paper.get(('CA-MKD', 'acc'), (float('nan'),))[0]:.3f}.") if best and ref18 else "",
-                  "", "| method | seeds | test ACC | test AUC | val AUC | teacher test ACC | teacher check | "
-                  "Δ ACC vs plain (95 % CI) | Δ AUC vs plain (95 % CI) |", "|---|---|---|---|---|---|---|---|---|"]
-        for key, m in METHODS.items():
-            runs = rows.get((flag, key))
-            if not runs:
-                continue
-            acc = _ms([r["test"]["acc"] for r in runs.values()])
-            auc = _ms([r["test"]["auc"] for r in runs.values()])
-            vauc = _ms([r["val"]["auc"] for r in runs.values()])
-            tacc = [(r["teacher"][0] if isinstance(r["teacher"], list) else r["teacher"])["test"]["acc"]
-                    for r in runs.values() if r.get("teacher")]
-            gates = [g for r in runs.values() for g in (r["teacher_gate"] if isinstance(r.get("teacher_gate"), list)
-                                                       else [r.get("teacher_gate")]) if g]
-            gate = ("—" if not gates else "stronger" if all(g["stronger"] for g in gates)
-                    else f"weaker than {gates[0]['reference']}")
-            cmp = paired(runs, rows.get((flag, m.plain), {}), labels) if m.plain else None
-            entry = {"label": m.label, "acc": acc, "auc": auc, "val_auc": vauc, "seeds": sorted(runs),
-                     "teacher_test_acc": _ms(tacc) if tacc else None, "teacher_check": gate,
-                     "vs": m.plain, "paired": cmp}
-            ds["methods"][key] = entry
+             "Chance: always answering the test split's most frequent class. Teachers (ensembles, the fine-tuned "
+             "and DINO-MX models) are rows of their own. Runs: `python -m benchmarks.medalmighty_table2 run "
+             "--methods ... --datasets ... --seeds 0 1 2`; this table: `python -m benchmarks.medalmighty_table2 "
+             "report`.", ""]
+    body: list[str] = []
+    goals: dict = {}
+    for arch in archs:
+        flags = sorted({f for a, f, _ in rows if a == arch}, key=lambda f: (f not in LOCAL, LOCAL.index(f)
+                                                                             if f in LOCAL else 0, f))
+        body += [f"## {arch} students", ""]
+        result["archs"][arch] = {}
+        for flag in flags:
+            ds = _dataset_table(arch, flag, rows, body)
+            ds["goal"] = _goal(ds)
+            result["archs"][arch][flag] = ds
+            if arch == "resnet18":
+                goals[flag] = ds["goal"]
+    if goals:
+        lines += ["## Goal check (ResNet-18)", "",
+                  "Best distilled ResNet-18 (≥ 3 seeds) against the plain one: the goal is ≥ +0.5 pt ACC with AUC no "
+                  "worse; and the best student against the best MedMNIST v2 ACC.", "",
+                  "| dataset | plain ACC | best distilled | its ACC | Δ ACC | Δ AUC | ≥ +0.5 pt, AUC no worse | "
+                  "best student | its ACC | MedMNIST v2 best ACC | reached |", "|---" * 11 + "|"]
 
-            def ci(k: str, cmp: dict | None = cmp) -> str:
-                if not cmp:
-                    return "—"
-                c = cmp[k]
-                s = f"{100 * c['mean']:+.2f} pt"
-                if c.get("ci95"):
-                    s += f" [{100 * c['ci95'][0]:+.2f}, {100 * c['ci95'][1]:+.2f}]"
-                if k == "acc" and c.get("bootstrap95"):
-                    s += f" (boot. [{100 * c['bootstrap95'][0]:+.2f}, {100 * c['bootstrap95'][1]:+.2f}])"
-                return s
+        def f3(x):
+            return "—" if x is None else f"{x:.3f}"
 
-            lines.append(f"| {m.label} (`{key}`) | {len(runs)} | {_fmt(acc)} | {_fmt(auc)} | {_fmt(vauc)} | "
-                         f"{_fmt(_ms(tacc)) if tacc else '—'} | {gate} | {ci('acc')} | {ci('auc')} |")
+        def pt(x):
+            return "—" if x is None else f"{x:+.2f} pt"
+
+        for flag, g in goals.items():
+            lines.append(f"| {flag} | {f3(g.get('plain'))} | {g.get('best_distilled', '—')} | "
+                         f"{f3(g.get('distilled_acc'))} | {pt(g.get('gain_pt'))} | {pt(g.get('auc_gain_pt'))} | "
+                         f"{'yes' if g.get('met') else 'no' if 'met' in g else '—'} | {g.get('best_student', '—')} | "
+                         f"{f3(g.get('best_student_acc'))} | {f3(g.get('v2_best'))} | "
+                         f"{'yes' if g.get('reaches_v2_best') else 'no' if 'reaches_v2_best' in g else '—'} |")
         lines.append("")
-        result["datasets"][flag] = ds
-    from zoo.store import write_json_atomic
+        result["goal"] = goals
+    from zoo.store import write_atomic, write_json_atomic
 
     write_json_atomic(out.with_suffix(".json"), result)
-    out.with_suffix(".md").write_text("\n".join(x for x in lines if x is not None) + "\n")
+    text = "\n".join(x for x in lines + body if x is not None) + "\n"
+    write_atomic(out.with_suffix(".md"), lambda p: p.write_text(text))
     return result
 
 
 def cmd_report(a) -> None:
-    report(a.arch)
+    report()
     print(f"wrote {RESULTS / 'medalmighty_table2.md'}")
 
 
@@ -393,8 +524,7 @@ def main() -> None:
     r.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     r.add_argument("--progress", action="store_true")
     r.set_defaults(fn=cmd_run)
-    p = sub.add_parser("report", help="the tables from the result files")
-    p.add_argument("--arch", default="resnet18")
+    p = sub.add_parser("report", help="the tables from the result files (every architecture and dataset run)")
     p.set_defaults(fn=cmd_report)
     a = ap.parse_args()
     a.fn(a)

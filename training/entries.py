@@ -22,7 +22,7 @@ from training.dinomx import recipe as dinomx
 from training.medalmighty import recipe as medalmighty
 from training.medalmighty.config import parse as parse_medalmighty
 from zoo.data import dataset_info
-from zoo.registry import ZooEntry, registry
+from zoo.registry import PROBE_METHODS, ZooEntry, registry
 
 
 def _describe(key: str, value: Any) -> str:
@@ -123,7 +123,7 @@ def train_config(path: str, overrides: Sequence[str], progress: bool = True) -> 
         medalmighty.run(cfg, None, progress=False, recipe=recipe)
         return D.from_main(None, env)
     info = dataset_info(typed.data.dataset)
-    arch = typed.model.arch if typed.method != "linear" else "vit"
+    arch = typed.model.arch if typed.method not in PROBE_METHODS else "vit"
     name = typed.run_name or f"{typed.method}-{arch}-{info.flag}"
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     target = Path(typed.output_dir) / f"{name}-{stamp}"

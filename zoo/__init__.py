@@ -25,8 +25,8 @@ _EXPORTS = {
     "Prediction": "zoo.inference",
     "build": "zoo.api",
 }
-_SUBMODULES = ("anchors", "api", "backbones", "card", "cli", "data", "datasets", "demo", "explain", "hub", "images", "inference",
-               "loading", "maps", "metrics", "models", "registry", "store", "tasks")
+_SUBMODULES = ("anchors", "api", "backbones", "card", "cli", "data", "datasets", "demo", "explain", "hub", "images",
+               "inference", "loading", "maps", "metrics", "models", "registry", "store", "tasks")
 
 __all__ = sorted(_EXPORTS)
 

@@ -44,6 +44,8 @@ _METHOD = {
     "baseline": "student trained alone on the labels (MedAlmighty's baseline, alpha = 1)",
     "medalmighty": "student distilled from a frozen ViT teacher with a linear head (MedAlmighty)",
     "linear": "frozen ViT backbone with a linear head trained on its features (linear probe)",
+    "finetune": "ViT backbone fine-tuned end to end with the labels, its head started from the linear probe "
+                "(a teacher that can win offline; not the paper's frozen teacher)",
     "ensemble": "an ensemble of supervised students whose logits are averaged (not the paper's method)",
     "camkd": "student distilled from several teachers with confidence-aware weights (CA-MKD, the paper's comparison)",
 }

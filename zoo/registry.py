@@ -43,7 +43,9 @@ TEACHER_BACKBONES = {
 }
 # DINO-MX backbones pretrained here (random init, no download): small enough for a CPU at 28 px.
 DINOMX_BACKBONES = ("vit-mini-p4",)
-METHODS = ("baseline", "medalmighty", "linear", "dinomx", "ensemble", "camkd")
+METHODS = ("baseline", "medalmighty", "linear", "finetune", "dinomx", "ensemble", "camkd")
+# Classifiers made of a ViT backbone and a linear head: frozen (linear probe) or trained end to end.
+PROBE_METHODS = ("linear", "finetune")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MEDMNIST_MEAN = (0.5,)
@@ -240,6 +242,22 @@ def dinomx_entry(arch: str, info: DatasetInfo, *, tag: str = "", input_size: int
         overrides=tuple(pins), license=info.license, tag=tag, data_size=data_size)
 
 
+def finetune_entry(arch: str, info: DatasetInfo, *, tag: str = "", input_size: int = 28, data_size: int = 28
+                   ) -> ZooEntry:
+    """A DINO-MX backbone of the dataset fine-tuned end to end with the labels (its linear probe as the
+    head's start): a teacher that can win offline, not the paper's frozen teacher (named as such)."""
+    c = info.n_channels
+    mean, std = MEDMNIST_MEAN * c, MEDMNIST_STD * c
+    backbone = f"dinomx-{arch}-{info.flag}"
+    pins = [_pin("method", "finetune"), _pin("data.dataset", info.flag), _pin("data.size", data_size),
+            _pin("teacher.backbone", backbone), _pin("teacher.input_size", input_size)]
+    return ZooEntry(
+        name=_named(f"finetune-{arch}-{info.flag}", tag), method="finetune", arch=arch, dataset=info.flag,
+        task=info.task, labels=info.labels, in_chans=c, input_size=input_size, mean=mean, std=std,
+        recipe="medalmighty/finetune.yaml", overrides=tuple(pins), teacher=backbone, license=info.license, tag=tag,
+        data_size=data_size, teacher_input_size=input_size)
+
+
 # ----------------------------------------------------------------------------------------- variants
 
 # Student resolutions: MedMNIST v2's ResNet (28) and ResNet (224) (28 px images upsampled, nearest), and the
@@ -256,6 +274,7 @@ TEACHER_VARIANTS: dict[str, tuple[str, int]] = {
     "dinov2l-224": (TEACHER_BACKBONES["dinov2-vitl14"], HUB_TEACHER_SIZE),
     "dinomx-28": ("dinomx-vit-mini-p4-{flag}", 28),  # offline: our own DINO-MX backbone + a linear probe
     "ens-28": ("ensemble-{arch}-{flag}", 28),  # offline: an ensemble of supervised students of the student's size
+    "ft-28": ("finetune-vit-mini-p4-{flag}", 28),  # offline: our DINO-MX backbone fine-tuned with the labels
 }
 
 
@@ -283,6 +302,7 @@ def _declare() -> dict[str, ZooEntry]:
             add(linear_entry(arch, info))
         for arch in DINOMX_BACKBONES:
             add(dinomx_entry(arch, info))
+            add(finetune_entry(arch, info))
     return entries
 
 

@@ -200,3 +200,23 @@ def test_a_hub_style_patch14_teacher_sees_224_px_while_the_student_keeps_28(tmp_
     assert "crop_size" in cfg["lineage"]["teacher_resolution"]
     assert cfg["entry"]["input_size"] == 28 and cfg["config"]["data"]["input_size"] == 28
     assert "at 224 px" in (d / "README.md").read_text()
+
+
+def test_a_finetuned_vit_teacher_trains_end_to_end_and_teaches_with_its_own_head(tiny_teacher_dir, tmp_path):
+    from transformers import AutoModel
+
+    ft = _train(tmp_path, "finetune", "breastmnist", f"teacher.backbone={tiny_teacher_dir}", "probe.epochs=2",
+                "train.optimizer=adamw", "train.lr=1e-3", "run_name=ft")
+    cfg, metrics = _read(ft)
+    assert cfg["entry"]["method"] == "finetune" and cfg["lineage"]["teacher_backbone"] == str(tiny_teacher_dir)
+    assert cfg["lineage"]["probe_val"] is not None and len(metrics["history"]) == 2
+    before, after = AutoModel.from_pretrained(tiny_teacher_dir).state_dict(), zoo.load(ft).net.backbone.model
+    changed = [k for k, v in after.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed, "fine-tuning left the backbone as it was"
+    assert "fine-tuned end to end" in (ft / "README.md").read_text()
+    d = _train(tmp_path, "medalmighty", "breastmnist", f"teacher.backbone={ft}", "run_name=from-ft")
+    lin, student = _read(d)
+    assert lin["lineage"]["teacher_backbone"] == str(ft) and "finetune entry" in lin["lineage"]["teacher_resolution"]
+    # its own head teaches (no probe trained here): the teacher's figures are the fine-tuned entry's
+    assert student["teacher"]["test"]["acc"] == pytest.approx(metrics["test"]["acc"], abs=1e-9)
+    assert student["teacher"]["test"]["auc"] == pytest.approx(metrics["test"]["auc"], abs=1e-6)

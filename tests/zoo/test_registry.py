@@ -23,14 +23,14 @@ from zoo.registry import (
 
 EXPECTED_PER_DATASET = [f"{m}-{a}" for m in ("baseline", "medalmighty", "ensemble")
                         for a in ("resnet18", "resnet50", "seresnet50", "skresnet50")] + [
-    f"linear-dinov2-{v}" for v in ("vits14", "vitb14", "vitl14")] + ["dinomx-vit-mini-p4"]
+    f"linear-dinov2-{v}" for v in ("vits14", "vitb14", "vitl14")] + ["dinomx-vit-mini-p4", "finetune-vit-mini-p4"]
 
 
 def test_every_dataset_has_every_entry():
     names = set(list_models())
     want = {f"{prefix}-{flag}" for flag in datasets_2d() for prefix in EXPECTED_PER_DATASET}
     assert names == want
-    assert len(names) == 12 * 16
+    assert len(names) == 12 * 17
     assert list_models() == sorted(names)
     assert zoo.list_models() == list_models()
 
@@ -49,6 +49,10 @@ def test_entry_fields_consistent(name):
         assert e.in_chans == 3 and e.mean == IMAGENET_MEAN
         assert e.teacher == TEACHER_BACKBONES[e.arch]
         assert f"teacher.backbone={e.teacher}" in e.overrides
+    elif e.method == "finetune":  # that backbone fine-tuned with the labels: a teacher, named as such
+        assert e.arch in DINOMX_BACKBONES and not e.is_student and e.recipe == "medalmighty/finetune.yaml"
+        assert e.teacher == f"dinomx-{e.arch}-{e.dataset}" and f"teacher.backbone={e.teacher}" in e.overrides
+        assert e.in_chans == info.n_channels
     elif e.method == "dinomx":  # a backbone pretrained here, on the dataset's own channels
         assert e.arch in DINOMX_BACKBONES and not e.is_student and e.recipe == "dinomx/default.yaml"
         assert e.in_chans == info.n_channels and e.teacher is None
@@ -79,7 +83,7 @@ def test_pattern_glob_and_substring():
     glob = list_models("baseline-*")
     assert len(glob) == 12 * 4 and all(n.startswith("baseline-") for n in glob)
     sub = list_models("breastmnist")
-    assert len(sub) == 16 and all(n.endswith("-breastmnist") for n in sub)
+    assert len(sub) == 17 and all(n.endswith("-breastmnist") for n in sub)
     assert list_models("*-resnet18-*mnist") == [n for n in list_models() if "-resnet18-" in n]
     assert list_models("linear-dinov2-vit?14-bloodmnist") == [
         "linear-dinov2-vitb14-bloodmnist", "linear-dinov2-vitl14-bloodmnist", "linear-dinov2-vits14-bloodmnist"]

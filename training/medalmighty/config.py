@@ -14,7 +14,7 @@ from typing import Any, Literal
 from training.config import ConfigError, check, typed
 from training.distributed import STRATEGIES
 from zoo.data import dataset_info
-from zoo.registry import METHODS, STUDENT_ARCHS, TEST_ARCHS
+from zoo.registry import METHODS, PROBE_METHODS, STUDENT_ARCHS, TEST_ARCHS
 
 Optimizer = Literal["adam", "adamw", "sgd"]
 Schedule = Literal["multistep", "cosine", "constant"]
@@ -174,7 +174,7 @@ class MedAlmightyConfig:
         check(self.method in METHODS and self.method != "dinomx", "method",
               f"must be one of {', '.join(m for m in METHODS if m != 'dinomx')}, got {self.method!r}")
         archs = STUDENT_ARCHS + TEST_ARCHS
-        check(self.method == "linear" or self.model.arch in archs, "model.arch",
+        check(self.method in PROBE_METHODS or self.model.arch in archs, "model.arch",
               f"must be one of {', '.join(archs)}, got {self.model.arch!r}")
         check(0 <= self.seed < 2**63, "seed", f"must be a whole number in [0, 2^63), got {self.seed}")
 

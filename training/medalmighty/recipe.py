@@ -33,7 +33,7 @@ from zoo.inference import logits_to_probs, predict_logits
 from zoo.loading import evaluate, load
 from zoo.metrics import compute_metrics
 from zoo.models import EnsembleClassifier, LinearClassifier, create_student, state_dict_sha256
-from zoo.registry import MEDMNIST_MEAN, MEDMNIST_STD, ZooEntry, registry
+from zoo.registry import MEDMNIST_MEAN, MEDMNIST_STD, PROBE_METHODS, ZooEntry, registry
 from zoo.tasks import get_task
 
 
@@ -41,7 +41,7 @@ def run_entry(cfg: MedAlmightyConfig, info: DatasetInfo, teachers: list[TeacherO
               recipe: str = "medalmighty/default.yaml") -> ZooEntry:
     """The entry a ``zoo train`` run produces (no registry name): everything read from its config."""
     vit = teachers[0].vit if teachers else None
-    if cfg.method == "linear":
+    if cfg.method in PROBE_METHODS:
         p, arch, lineage = vit.prep, "vit", vit.source
     else:
         c = info.n_channels
@@ -167,13 +167,13 @@ def run(raw: dict[str, Any], out: Path | None, entry: ZooEntry | None = None, pr
 
     teachers: list[TeacherOutputs] = []
     lineage: dict[str, Any] = {}
-    if cfg.method in ("linear", "medalmighty", "camkd"):
+    if cfg.method in (*PROBE_METHODS, "medalmighty", "camkd"):
         teachers = [teacher_outputs(src, cfg, splits, info.task, len(info.labels), gen, show)
                     for src in teacher_sources(cfg)]
         lineage = dict(teachers[0].lineage) if len(teachers) == 1 else {"teachers": [t.lineage for t in teachers]}
         if len(teachers) == 1 and raw["teacher"]["input_size"] is None:  # the resolved config says what it used
             raw["teacher"]["input_size"] = lineage["teacher_input_size"]
-        if cfg.method != "linear":
+        if cfg.method not in PROBE_METHODS:
             per = [{s: _metrics(splits[s], t.logits[s], info.task) for s in ("val", "test")} for t in teachers]
             lineage["teacher_metrics"] = per[0] if len(per) == 1 else per
             gates = [teacher_gate(m["val"], splits["val"].labels, info.task, entry) for m in per]
@@ -182,12 +182,12 @@ def run(raw: dict[str, Any], out: Path | None, entry: ZooEntry | None = None, pr
                 for g in gates:
                     _check_gate(g, entry.name if entry is not None else cfg.run_name or "this run",
                                 cfg.distill.require_stronger_teacher)
-    if cfg.method == "linear" and teachers[0].vit is None:
-        raise ConfigError(f"method linear probes a ViT backbone; {teachers[0].source} is a classifier")
+    if cfg.method in PROBE_METHODS and teachers[0].vit is None:
+        raise ConfigError(f"method {cfg.method} trains a head on a ViT backbone; {teachers[0].source} is a classifier")
     vit = teachers[0].vit if teachers else None
     if entry is None:
         entry = run_entry(cfg, info, teachers, recipe)
-    elif cfg.method == "linear" and vit.prep != entry.preprocess:
+    elif cfg.method in PROBE_METHODS and vit.prep != entry.preprocess:
         raise ValueError(f"{entry.name} expects {entry.preprocess} but the teacher's backbone gives {vit.prep}; "
                          "use `zoo train` for another backbone")
     if not env.is_main:  # the other processes only share the student's training
@@ -203,6 +203,13 @@ def run(raw: dict[str, Any], out: Path | None, entry: ZooEntry | None = None, pr
         history, best_epoch = (t.probe.fit.history, t.probe.fit.best_epoch) if t.probe else ([], 0)
         vit.backbone.model.save_pretrained(out / "backbone", safe_serialization=True)
         save_file({k: v.contiguous() for k, v in net.head.state_dict().items()}, out / "model.safetensors")
+    elif cfg.method == "finetune":
+        res = _finetune(cfg, entry, info, splits, teachers[0], show, gen)
+        history, best_epoch = res.history, res.best_epoch
+        lineage["probe_val"] = teachers[0].probe.fit.best_val if teachers[0].probe else None
+        res.model.backbone.model.save_pretrained(out / "backbone", safe_serialization=True)
+        save_file({k: v.detach().contiguous() for k, v in res.model.head.state_dict().items()},
+                  out / "model.safetensors")
     elif cfg.method == "ensemble":
         net, members = _ensemble(cfg, entry, info, splits, env, show)
         history, best_epoch = [], 0
@@ -290,6 +297,20 @@ def _search(cfg: MedAlmightyConfig, entry: ZooEntry, info: DatasetInfo, splits: 
             best = ((float(t), float(a)), res)
     (t, a), res = best
     return res, {"grid": tried, "chosen": {"temperature": t, "alpha": a}, "by": "validation AUC"}
+
+
+def _finetune(cfg: MedAlmightyConfig, entry: ZooEntry, info: DatasetInfo, splits: dict[str, Split],
+              teacher: TeacherOutputs, progress: bool, gen: torch.Generator) -> FitResult:
+    """The ViT teacher trained end to end on the labels (``train`` section), its head starting from the
+    linear probe: selected on validation AUC like every classifier here."""
+    torch.manual_seed(cfg.seed)
+    net = LinearClassifier(teacher.vit.backbone, info.num_outputs)
+    net.head.load_state_dict(teacher.head.state_dict())
+    net.backbone.requires_grad_(True)  # LinearClassifier freezes it: here it is what trains
+    s = splits
+    return fit(net, (s["train"].images, s["train"].labels), (s["val"].images, s["val"].labels), task=info.task,
+               settings=student_settings(cfg, progress), loss_fn=MedAlmightyLoss(info.task, 1.0, 1.0),
+               prep=entry.preprocess, test=(s["test"].images, s["test"].labels), generator=gen, desc=entry.name)
 
 
 def _train_student(cfg: MedAlmightyConfig, entry: ZooEntry, info: DatasetInfo, splits: dict[str, Split],

@@ -31,7 +31,7 @@ from zoo.data import Preprocess, Split, fingerprint
 from zoo.inference import predict_logits
 from zoo.loading import backbone_dir, load, load_backbone, resolve
 from zoo.models import state_dict_sha256
-from zoo.registry import registry
+from zoo.registry import PROBE_METHODS, registry
 
 
 @dataclass
@@ -71,20 +71,37 @@ def own_resolution(source: str | Path, backbone: ViTBackbone) -> tuple[int, str]
     return size, "the teacher's own resolution (image_size of its config.json)"
 
 
+def _probe_source(src: str) -> str | Path | None:
+    """``src`` when it names a built ViT classifier (``linear`` or ``finetune``: backbone and head), else None."""
+    reg = registry()
+    if src in reg:
+        return src if reg[src].method in PROBE_METHODS else None
+    p = Path(src.removeprefix("path=")).expanduser()
+    if (p / "config.json").is_file() and (p / "backbone").is_dir():
+        try:
+            method = (store.read_config(p).get("entry") or {}).get("method")
+        except store.WeightsCorruptedError:
+            return None
+        return p if method in PROBE_METHODS else None
+    return None
+
+
 def load_teacher(cfg: MedAlmightyConfig) -> Teacher:
-    """The teacher named by ``teacher.backbone``: a built ``linear-*`` zoo entry (backbone and head),
+    """The teacher named by ``teacher.backbone``: a built ``linear-*`` or ``finetune-*`` zoo entry (backbone and
+    head; or such a run folder),
     a built ``dinomx-*`` entry or DINO-MX run folder, a hub id, or a local transformers directory
     (backbone only; the probe is trained here)."""
     t, d = cfg.teacher, cfg.data
     src = str(t.backbone)
     reg = registry()
-    if src in reg and reg[src].method == "linear":
-        zm = load(src)
+    probe = _probe_source(src)
+    if probe is not None:  # a ViT with its head: a linear-* probe or a finetune-* entry (or their folders)
+        zm = load(probe)
         if zm.entry.dataset != d.dataset:
             raise ValueError(f"teacher {src} was trained on {zm.entry.dataset}, not {d.dataset}")
         net = zm.net
         return Teacher(net.backbone, zm.entry.preprocess, src, state_dict_sha256(net), head=net.head,
-                       resolution="the linear-probe entry's input size")
+                       resolution=f"the {zm.entry.method} entry's input size")
     if src in reg and reg[src].method == "dinomx":
         # A DINO-MX backbone from the zoo: its own channels and normalisation; the probe is trained here.
         backbone, p = load_backbone(src, pooling=t.pooling)
@@ -92,8 +109,9 @@ def load_teacher(cfg: MedAlmightyConfig) -> Teacher:
         return Teacher(backbone, Preprocess(size, backbone.in_chans, p.mean, p.std, d.resize), src,
                        state_dict_sha256(backbone), resolution=why)
     if src in reg:
-        raise ValueError(f"teacher.backbone={src} is a {reg[src].method} entry; a teacher must be a linear-* or "
-                         "dinomx-* entry, or a transformers backbone (hub id or directory)")
+        raise ValueError(f"teacher.backbone={src} is a {reg[src].method} entry; a teacher must be a linear-*, "
+                         "finetune-* or dinomx-* entry, a built classifier, or a transformers backbone (hub id or "
+                         "directory)")
     folder = backbone_dir(src)  # a DINO-MX run folder, or a transformers directory; None for a hub id
     where = str(folder) if folder is not None else src
     backbone = ViTBackbone.from_pretrained(where, pooling=t.pooling, revision=t.revision)
