@@ -2,10 +2,14 @@
 
 Every export runs the same steps:
 
-1. Trace ``ZooModel.net`` (adapters merged, optional localization output, see :mod:`export.graph`)
-   with torch's TorchScript exporter (``dynamo=False``: one self-contained file, weights embedded,
-   which ONNX Runtime's quantisation pre-processing needs). Dynamic batch axis; channels and input
-   size fixed from the zoo entry; the graph takes normalised input as ``ZooModel.net`` does.
+1. Export ``ZooModel.net`` (adapters merged, optional localization output, see :mod:`export.graph`)
+   with torch's ``torch.export``-based exporter (``exporter="dynamo"``, the default: opset 18 and
+   up) or its TorchScript exporter (``exporter="legacy"``, ``dynamo=False``: opsets 13-20). Either
+   way one self-contained file, weights embedded (ONNX Runtime's quantisation pre-processing needs
+   that). Dynamic batch axis; channels and input size fixed from the zoo entry; the graph takes
+   normalised input as ``ZooModel.net`` does. The dynamo exporter falls back to the legacy one,
+   and the receipt's ``exporter`` says so and why, when it cannot do the export: an opset below
+   18, an exporter error, or an INT8 quantisation that fails on its graph.
 2. Optimise offline with ONNX Runtime at the *basic* level (constant folding, Conv+BN fusion, ...):
    only standard ONNX ops, so the file stays portable (TensorRT, other runtimes). Hardware-specific
    fusions are applied by ONNX Runtime when a session loads the file.
@@ -17,9 +21,17 @@ Every export runs the same steps:
    static activation ranges do not suit attention); with a CAM output only Conv/MatMul are
    quantised. Either must keep test ACC within ``max_acc_drop`` points of torch (never less than
    one test image), or the export fails.
-5. The receipt ``export.json`` (parity, test ACC/AUC through onnxruntime next to torch's, file
-   hash, versions), ``preprocess.json`` and the torch-free ``runner.py`` are written with the model
-   into the output folder, atomically (a failed export leaves the previous one in place).
+5. ``uint8_input``: the graph of :class:`export.graph.Uint8Preprocess` (uint8 images (N, H, W, C)
+   of any size -> the normalised input; always the dynamo exporter, opset 18+, which writes the
+   antialiased Resize) is put in front of the file of step 1-4, which stays as checked. That bundle
+   is checked on the test split as uint8 images (``parity``, the same gate as FP32: labels and
+   ``atol``), and on test images enlarged to a size that is not a multiple of the input size
+   (``parity_resized``: ONNX Runtime's antialiased Resize is not torch's to the bit, so there the
+   gate is the labels and ``resize_atol``).
+6. The receipt ``export.json`` (parity, test ACC/AUC through onnxruntime next to torch's, exporter,
+   file hash, versions), ``preprocess.json`` (the input contract) and the torch-free ``runner.py``
+   are written with the model into the output folder, atomically (a failed export leaves the
+   previous one in place).
 
 >>> from export import to_onnx
 >>> r = to_onnx("baseline-resnet18-breastmnist", "onnx-int8")        # doctest: +SKIP
@@ -45,7 +57,7 @@ import torch
 import zoo.store as store
 from export.errors import ExportArgumentError, ExportError
 from export.formats import FORMATS, ONNX_FORMATS, get_format
-from export.graph import ExportGraph, fixed_position_embeddings, merge_adapters
+from export.graph import ExportGraph, Uint8Preprocess, fixed_position_embeddings, merge_adapters
 from zoo.data import Split, preprocess
 from zoo.inference import logits_to_probs, make_prediction, predict_logits
 from zoo.loading import ZooModel, load, model_split
@@ -53,10 +65,18 @@ from zoo.metrics import compute_metrics
 from zoo.registry import ZooEntry
 from zoo.tasks import get_task
 
-DEFAULT_OPSET = 17
+DEFAULT_OPSET = 18  # the lowest the dynamo exporter writes (its torchlib's opset)
 MIN_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear (INT8) needs opset 13
 MAX_OPSET = 20  # the highest opset torch's TorchScript exporter (dynamo=False) writes
+DYNAMO_MIN_OPSET = 18
+UINT8_MIN_OPSET = 18  # Resize's antialias attribute
+EXPORTERS = ("dynamo", "legacy")
+DEFAULT_EXPORTER = "dynamo"
 FP32_ATOL = 1e-4
+# uint8 bundles on enlarged images: ONNX Runtime's antialiased Resize weights differ from torch's in
+# the last bits (~2e-5 of a [0, 1] pixel), which the network may amplify; labels must still agree.
+RESIZE_ATOL = 1e-3
+RESIZED_IMAGES = 64
 MAX_ACC_DROP_PT = 0.5
 CALIB_IMAGES = 256
 INPUT = "input"
@@ -92,6 +112,13 @@ def check_opset(opset: int) -> int:
     return opset
 
 
+def check_exporter(exporter: str) -> str:
+    if exporter not in EXPORTERS:
+        raise ExportArgumentError(f"unknown exporter {exporter!r}; choose {' or '.join(EXPORTERS)} (dynamo: "
+                                  "torch.export, the default; legacy: the TorchScript exporter)")
+    return exporter
+
+
 # ----------------------------------------------------------------------------------------- the job
 
 
@@ -103,6 +130,8 @@ class Job:
     graph: ExportGraph
     out: Path
     opset: int
+    exporter: str = DEFAULT_EXPORTER  # the one asked for; the receipt says which ran
+    uint8_input: bool = False
 
     @property
     def entry(self) -> ZooEntry:
@@ -113,10 +142,15 @@ class Job:
         return model_split(self.model, name, root)
 
 
-def prepare(model_or_name, fmt: str, out=None, opset: int = DEFAULT_OPSET, with_localization: bool = False) -> Job:
+def prepare(model_or_name, fmt: str, out=None, opset: int = DEFAULT_OPSET, with_localization: bool = False,
+            exporter: str = DEFAULT_EXPORTER, uint8_input: bool = False) -> Job:
     """Check the arguments, load the model (a zoo name, a built folder, or a ``ZooModel``) and pick ``out``."""
     check_format(fmt)
     check_opset(opset)
+    check_exporter(exporter)
+    if uint8_input and opset < UINT8_MIN_OPSET:
+        raise ExportArgumentError(f"uint8 input needs opset {UINT8_MIN_OPSET} or later (the antialiased Resize "
+                                  f"that matches the zoo's resize); got --opset {opset}")
     if isinstance(model_or_name, ZooModel):
         model, home = model_or_name, None
         if store.is_built(model.entry.name):
@@ -131,7 +165,7 @@ def prepare(model_or_name, fmt: str, out=None, opset: int = DEFAULT_OPSET, with_
     if out is None:
         if home is None:
             raise ExportError(f"{model.entry.name} is not a built store entry; pass out=DIR (--out) for its export")
-        out = home / "export" / fmt
+        out = home / "export" / default_out_name(fmt, uint8_input)
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise ExportArgumentError(f"--out {out} is a file; an export is a folder (model, receipt, runner): give a "
@@ -141,7 +175,7 @@ def prepare(model_or_name, fmt: str, out=None, opset: int = DEFAULT_OPSET, with_
                           "folder, so give an empty or new folder")
     net = merge_adapters(model.net).eval()
     graph = ExportGraph(net, model.entry.input_size, with_localization).eval()
-    return Job(model=model, graph=graph, out=out, opset=opset)
+    return Job(model=model, graph=graph, out=out, opset=opset, exporter=exporter, uint8_input=uint8_input)
 
 
 # ----------------------------------------------------------------------------------------- torch side
@@ -167,6 +201,12 @@ def reference(job: Job, split: str = "test", max_images: int | None = None, root
     if max_images is not None and max_images < len(images):
         idx = torch.linspace(0, len(images) - 1, max_images).round().long()  # spread over the split
         images, labels = images[idx], labels[idx.numpy()]
+    return Reference(images=images, labels=labels, outputs=torch_outputs(job, images), split=split)
+
+
+@torch.no_grad()
+def torch_outputs(job: Job, images: torch.Tensor) -> dict[str, np.ndarray]:
+    """``predict_logits`` (and the localization map) for uint8 (N, C, H, W) images of any size."""
     prep = job.entry.preprocess
     outputs = {"logits": predict_logits(job.graph.net, images, prep).numpy()}
     if job.graph.map_name:
@@ -174,32 +214,142 @@ def reference(job: Job, split: str = "test", max_images: int | None = None, root
         maps = [job.graph(preprocess(images[i : i + RUN_BATCH], prep).to(device))[1].float().cpu()
                 for i in range(0, len(images), RUN_BATCH)]
         outputs[job.graph.map_name] = torch.cat(maps).numpy()
-    return Reference(images=images, labels=labels, outputs=outputs, split=split)
+    return outputs
 
 
-def model_input(images: torch.Tensor, job: Job) -> np.ndarray:
+def enlarged_size(s: int) -> tuple[int, int]:
+    """(H, W) that the test images are enlarged to for ``parity_resized``: not square, no multiple of ``s``."""
+    return s * 5 // 2 + 1, s * 8 // 5 + 1
+
+
+def enlarged_reference(job: Job, ref: Reference, n: int = RESIZED_IMAGES) -> Reference:
+    """The first ``n`` reference images enlarged (pixel replication, so still uint8) to :func:`enlarged_size`
+    of the input size, with torch's outputs on them: what the model sees then goes through a real resize."""
+    images = ref.images[:n]
+    h, w = enlarged_size(job.entry.input_size)
+    rows = (torch.arange(h) * images.shape[2]) // h
+    cols = (torch.arange(w) * images.shape[3]) // w
+    big = images[:, :, rows][:, :, :, cols].contiguous()
+    return Reference(images=big, labels=ref.labels[:n], outputs=torch_outputs(job, big), split=ref.split)
+
+
+def model_input(images: torch.Tensor, job: Job, raw: bool = False) -> np.ndarray:
+    """What a graph takes for uint8 (N, C, H, W) images: normalised (N, C, S, S) float32, or with ``raw``
+    the images themselves, channels last (the input of ``uint8_input`` bundles)."""
+    if raw:
+        return np.ascontiguousarray(images.permute(0, 2, 3, 1).numpy())
     return preprocess(images, job.entry.preprocess).numpy()
 
 
 # ----------------------------------------------------------------------------------------- ONNX files
 
 
-def export_fp32(job: Job, path: Path) -> Path:
-    """Trace ``job.graph`` into a self-contained ONNX file (weights embedded)."""
+def _first_line(ex: BaseException) -> str:
+    return next((ln.strip() for ln in str(ex).splitlines() if ln.strip()), type(ex).__name__)[:300]
+
+
+def _dynamo_export(module: torch.nn.Module, args: tuple, path: Path, input_dims: dict[int, Any],
+                   output_names: list[str], opset: int) -> None:
+    """``torch.onnx.export(..., dynamo=True)``: ``torch.export`` with the dims of ``input_dims`` dynamic,
+    weights embedded in the one file (``external_data=False``)."""
+    import logging
+
+    dims = {axis: (torch.export.Dim(name, min=1, max=3) if name == "channels" else torch.export.Dim(name, min=1))
+            for axis, name in input_dims.items()}
+    quiet = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript")]
+    levels = [lg.level for lg in quiet]
+    try:
+        for lg in quiet:
+            lg.setLevel(logging.ERROR)
+        torch.onnx.export(module, args, str(path), dynamo=True, input_names=[INPUT], output_names=output_names,
+                          dynamic_shapes=(dims,), opset_version=opset, external_data=False, verbose=False,
+                          optimize=True)
+    finally:
+        for lg, level in zip(quiet, levels):
+            lg.setLevel(level)
+
+
+def file_opset(path: Path) -> int:
+    """The default-domain opset an ONNX file declares."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def export_fp32(job: Job, path: Path, exporter: str | None = None) -> Path:
+    """Export ``job.graph`` into a self-contained ONNX file (weights embedded) with ``exporter``
+    (``dynamo``: ``torch.export``; ``legacy``: the TorchScript tracer)."""
+    exporter = exporter or job.exporter
     e = job.entry
     device = next(job.graph.parameters()).device
     dummy = torch.randn(2, e.in_chans, e.input_size, e.input_size, device=device)
     names = job.graph.output_names
-    axes = {n: {0: "batch"} for n in [INPUT, *names]}
     with warnings.catch_warnings(), fixed_position_embeddings(job.graph, e.input_size):
         warnings.simplefilter("ignore")  # tracer warnings about Python ints in transformers' code
         try:
-            torch.onnx.export(job.graph, (dummy,), str(path), dynamo=False, input_names=[INPUT], output_names=names,
-                              dynamic_axes=axes, opset_version=job.opset, do_constant_folding=True)
+            if exporter == "dynamo":
+                _dynamo_export(job.graph, (dummy,), path, {0: "batch"}, names, job.opset)
+            else:
+                axes = {n: {0: "batch"} for n in [INPUT, *names]}
+                torch.onnx.export(job.graph, (dummy,), str(path), dynamo=False, input_names=[INPUT],
+                                  output_names=names, dynamic_axes=axes, opset_version=job.opset,
+                                  do_constant_folding=True)
         except Exception as ex:  # the exporter's own errors (unsupported op at this opset, ...)
-            first = next((ln for ln in str(ex).splitlines() if ln.strip()), type(ex).__name__)
-            raise ExportError(f"torch.onnx.export failed for {e.name} at opset {job.opset}: {first}") from ex
+            raise ExportError(f"torch.onnx.export ({exporter}) failed for {e.name} at opset {job.opset}: "
+                              f"{_first_line(ex)}") from ex
+    got = file_opset(path)
+    if got != job.opset:  # the dynamo exporter keeps its own opset when it cannot convert to the one asked for
+        raise ExportError(f"torch.onnx.export ({exporter}) wrote opset {got} for {e.name}, not the {job.opset} "
+                          f"asked for; pass --opset {got}")
     return path
+
+
+def export_uint8_preprocess(job: Job, path: Path) -> Path:
+    """The graph of :class:`export.graph.Uint8Preprocess` for the entry: uint8 (N, H, W, C) -> ``pixels``."""
+    e = job.entry
+    p = e.preprocess
+    pre = Uint8Preprocess(p.input_size, p.in_chans, p.mean, p.std, p.resize).eval()
+    dummy = torch.randint(0, 256, (2, p.input_size + 3, p.input_size + 5, p.in_chans), dtype=torch.uint8)
+    dims = {0: "batch", 1: "height", 2: "width", **({3: "channels"} if p.in_chans == 3 else {})}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            _dynamo_export(pre, (dummy,), path, dims, ["pixels"], job.opset)
+        except Exception as ex:
+            raise ExportError(f"exporting the uint8 preprocessing of {e.name} at opset {job.opset} failed: "
+                              f"{_first_line(ex)}") from ex
+    return path
+
+
+def with_uint8_input(pre: Path, model: Path, dst: Path) -> Path:
+    """``pre`` (uint8 images -> ``pixels``) in front of ``model`` (``input`` -> outputs), as one file.
+
+    The model's graph is left as it was checked (FP32, FP16 or INT8); the preprocessing stays FP32.
+    """
+    import onnx
+    from onnx import compose
+
+    p, m = onnx.load(str(pre)), onnx.load(str(model))
+    p.ir_version = m.ir_version = max(p.ir_version, m.ir_version)
+    have = {o.domain or "ai.onnx": o.version for o in m.opset_import}
+    for o in p.opset_import:
+        if have.get(o.domain or "ai.onnx", o.version) != o.version:
+            raise ExportError(f"the preprocessing graph has opset {o.version} for {o.domain or 'ai.onnx'}, the "
+                              f"model {have[o.domain or 'ai.onnx']}")
+    p = compose.add_prefix(p, "pre/")
+    merged = compose.merge_models(p, m, io_map=[("pre/pixels", INPUT)], producer_name=m.producer_name,
+                                  producer_version=m.producer_version)
+    g = merged.graph
+    (inp,) = g.input
+    old = inp.name
+    inp.name = INPUT
+    for node in g.node:
+        for i, name in enumerate(node.input):
+            if name == old:
+                node.input[i] = INPUT
+    onnx.save(merged, str(dst))
+    return dst
 
 
 def session(path: Path, optimized_to: Path | None = None, level: str = "all"):
@@ -341,12 +491,13 @@ def check_model(path: Path) -> None:
 
 
 def run_batches(run: Callable[[np.ndarray], list[np.ndarray]], ref: Reference, job: Job,
-                batch: int = RUN_BATCH) -> dict[str, np.ndarray]:
-    """Outputs of an exported model (``run``: input -> outputs) on the reference images, in batches."""
+                batch: int = RUN_BATCH, raw: bool = False) -> dict[str, np.ndarray]:
+    """Outputs of an exported model (``run``: input -> outputs) on the reference images, in batches;
+    ``raw``: the model takes the uint8 images themselves (``uint8_input`` bundles)."""
     names = job.graph.output_names
     parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for i in range(0, len(ref.images), batch):
-        for n, o in zip(names, run(model_input(ref.images[i : i + batch], job))):
+        for n, o in zip(names, run(model_input(ref.images[i : i + batch], job, raw))):
             parts[n].append(np.asarray(o, dtype=np.float32))
     return {n: np.concatenate(v) for n, v in parts.items()}
 
@@ -391,8 +542,8 @@ def compare(outputs: dict[str, np.ndarray], ref: Reference, job: Job) -> dict[st
     return r
 
 
-def measure(run, ref: Reference, job: Job) -> tuple[dict[str, Any], dict[str, float]]:
-    out = run_batches(run, ref, job)
+def measure(run, ref: Reference, job: Job, raw: bool = False) -> tuple[dict[str, Any], dict[str, float]]:
+    out = run_batches(run, ref, job, raw=raw)
     return compare(out, ref, job), _metrics(out["logits"], ref.labels, job.entry.task)
 
 
@@ -401,6 +552,15 @@ def check_fp32(parity: dict[str, Any], atol: float, what: str) -> None:
         raise ParityError(
             f"{what} does not reproduce torch on {parity['n']} test images: max |logit diff| "
             f"{parity['max_abs_logit_diff']:.3g} (allowed {atol:g}), {parity['labels_differ']} label(s) differ")
+
+
+def check_resized(parity: dict[str, Any], atol: float, what: str) -> None:
+    if parity["max_abs_logit_diff"] > atol or parity["labels_differ"]:
+        h, w = parity["size"]
+        raise ParityError(
+            f"{what} does not reproduce torch on {parity['n']} test images enlarged to {h} x {w} (resized in the "
+            f"graph): max |logit diff| {parity['max_abs_logit_diff']:.3g} (allowed {atol:g}), "
+            f"{parity['labels_differ']} label(s) differ")
 
 
 def check_accuracy(acc: dict[str, Any], n: int, max_drop_pt: float, what: str) -> None:
@@ -426,13 +586,19 @@ def accuracy(torch_m: dict[str, float], got: dict[str, float], runtime: str, fp3
 def preprocess_spec(job: Job, fmt: str, model_file: str) -> dict[str, Any]:
     """What a runner needs to turn an image into the graph's input and its outputs into labels."""
     e = job.entry
-    return {
+    spec = {
         "name": e.name, "format": fmt, "model_file": model_file, "input_name": INPUT, "input_dtype": "float32",
-        "input_shape": ["batch", e.in_chans, e.input_size, e.input_size], "input_size": e.input_size,
+        "input_layout": "NCHW", "input_shape": ["batch", e.in_chans, e.input_size, e.input_size],
+        "preprocessing": "runner", "input_size": e.input_size,
         "in_chans": e.in_chans, "image_mode": "L" if e.in_chans == 1 else "RGB", "scale": 255.0,
         "mean": list(e.preprocess.mean), "std": list(e.preprocess.std), "resize": e.resize,
         "task": e.task, "labels": list(e.labels), "outputs": job.graph.output_names,
     }
+    if job.uint8_input:  # the graph does what the runner does otherwise (scale, grey -> RGB, resize, mean/std)
+        spec.update(input_dtype="uint8", input_layout="NHWC",
+                    input_shape=["batch", "height", "width", "channels" if e.in_chans == 3 else 1],
+                    input_channels=[1, 3] if e.in_chans == 3 else [1], preprocessing="in-graph")
+    return spec
 
 
 def receipt(job: Job, fmt: str, path: Path, ref: Reference, parity: dict, acc: dict, **extra) -> dict[str, Any]:
@@ -442,6 +608,7 @@ def receipt(job: Job, fmt: str, path: Path, ref: Reference, parity: dict, acc: d
     rec = {
         "format": fmt, "model": job.entry.name, "file": path.name, "sha256": store.sha256_file(path),
         "bytes": path.stat().st_size, "opset": job.opset, "input": preprocess_spec(job, fmt, path.name)["input_shape"],
+        "input_dtype": "uint8" if job.uint8_input else "float32",
         "outputs": job.graph.output_names, "dataset": job.entry.dataset, "split": ref.split, "parity": parity,
         "accuracy": acc, **extra, "entry": job.entry.to_dict(),
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
@@ -466,42 +633,92 @@ def write_bundle(job: Job, fmt: str, files: dict[str, Path], rec: dict, spec: di
 # ----------------------------------------------------------------------------------------- to_onnx
 
 
+def _checked_fp32(job: Job, work: Path, ref: Reference, atol: float, exporter: str):
+    """Export with ``exporter``, optimise, check: the raw file, the FP32 file and its parity and metrics."""
+    raw = export_fp32(job, work / f"raw-{exporter}.onnx", exporter)
+    fp32 = optimize(raw, work / f"fp32-{exporter}.onnx")
+    check_model(fp32)
+    parity, metrics = measure(onnx_runner(fp32), ref, job)
+    check_fp32(parity, atol, f"the FP32 ONNX export of {job.entry.name} ({exporter} exporter)")
+    return raw, fp32, parity, metrics
+
+
 def build_onnx(job: Job, fmt: str, work: Path, ref: Reference, atol: float = FP32_ATOL,
                calib_images: int = CALIB_IMAGES, int8: str = "auto", root=None,
                for_tensorrt: bool = False) -> tuple[Path, dict[str, Any]]:
-    """The ONNX file of ``fmt`` in ``work``, after the FP32 parity gate; returns it and the FP32 figures."""
-    raw = export_fp32(job, work / "raw.onnx")
-    fp32 = optimize(raw, work / "fp32.onnx")
-    check_model(fp32)
-    parity, metrics = measure(onnx_runner(fp32), ref, job)
-    check_fp32(parity, atol, f"the FP32 ONNX export of {job.entry.name}")
+    """The ONNX file of ``fmt`` in ``work``, after the FP32 parity gate; returns it and the FP32 figures.
+
+    ``info["exporter"]`` records the exporter asked for, the one used and why they differ (a fallback
+    from dynamo to legacy: an opset below 18, a failed dynamo export, or INT8 quantisation failing
+    on the dynamo graph). A parity failure is never a reason to fall back: it is raised.
+    """
+    used, why = job.exporter, None
+    if used == "dynamo" and job.opset < DYNAMO_MIN_OPSET:
+        used, why = "legacy", (f"opset {job.opset} asked for; the dynamo exporter writes opset {DYNAMO_MIN_OPSET} "
+                               "and later")
+    try:
+        raw, fp32, parity, metrics = _checked_fp32(job, work, ref, atol, used)
+    except ParityError:
+        raise
+    except ExportError as ex:
+        if used != "dynamo":
+            raise
+        used, why = "legacy", str(ex)
+        raw, fp32, parity, metrics = _checked_fp32(job, work, ref, atol, used)
     info: dict[str, Any] = {"parity": parity, "metrics": metrics}
     precision = FORMATS[fmt].precision
     if precision == "fp32":
-        return fp32, info
-    if precision == "fp16":
-        return to_fp16(fp32, work / "fp16.onnx"), info
-    mode = int8_mode(job, int8)
-    calib = calibration_images(job, calib_images, root) if mode == "static" else None
-    info["quantization"] = quantize_int8(raw, work / "int8.onnx", job, calib, mode, for_tensorrt)
-    return work / "int8.onnx", info
+        path = fp32
+    elif precision == "fp16":
+        path = to_fp16(fp32, work / "fp16.onnx")
+    else:
+        mode = int8_mode(job, int8)
+        calib = calibration_images(job, calib_images, root) if mode == "static" else None
+        path = work / "int8.onnx"
+        try:
+            info["quantization"] = quantize_int8(raw, path, job, calib, mode, for_tensorrt)
+        except ExportError:
+            raise
+        except Exception as ex:  # ONNX Runtime's shape inference or quantiser on this graph
+            if used != "dynamo":
+                raise ExportError(f"INT8 quantisation of {job.entry.name} failed: {type(ex).__name__}: "
+                                  f"{_first_line(ex)}") from ex
+            used, why = "legacy", (f"INT8 quantisation failed on the dynamo graph ({type(ex).__name__}: "
+                                   f"{_first_line(ex)})")
+            raw, fp32, parity, metrics = _checked_fp32(job, work, ref, atol, used)
+            info.update(parity=parity, metrics=metrics)
+            info["quantization"] = quantize_int8(raw, path, job, calib, mode, for_tensorrt)
+    info["exporter"] = {"requested": job.exporter, "used": used, "fallback": why}
+    return path, info
+
+
+def default_out_name(fmt: str, uint8_input: bool = False) -> str:
+    """The bundle's folder under ``<entry>/export/``: the format, ``-uint8`` for uint8-input bundles (so the
+    float bundle that ``zoo serve`` reads stays where it is)."""
+    return f"{fmt}-uint8" if uint8_input else fmt
 
 
 def to_onnx(model_or_name, format: str = "onnx", out=None, opset: int = DEFAULT_OPSET,
-            with_localization: bool = False, *, split: str = "test", max_images: int | None = None, root=None,
-            atol: float = FP32_ATOL, max_acc_drop: float = MAX_ACC_DROP_PT, calib_images: int = CALIB_IMAGES,
-            int8: str = "auto") -> ExportResult:
+            with_localization: bool = False, *, exporter: str = DEFAULT_EXPORTER, uint8_input: bool = False,
+            split: str = "test", max_images: int | None = None, root=None, atol: float = FP32_ATOL,
+            resize_atol: float = RESIZE_ATOL, max_acc_drop: float = MAX_ACC_DROP_PT,
+            calib_images: int = CALIB_IMAGES, int8: str = "auto") -> ExportResult:
     """Export a zoo model to ONNX with a parity check and an accuracy receipt.
 
     Args:
         model_or_name: a zoo name (built), the folder of a built entry or run, or a ``ZooModel``.
         format: ``onnx`` (FP32), ``onnx-fp16`` or ``onnx-int8``.
-        out: output folder; default ``<ZOO_HOME>/<name>/export/<format>/`` (or ``<folder>/export/<format>``).
-            It is replaced as a whole, atomically.
-        opset: ONNX opset, 13-20.
+        out: output folder; default ``<ZOO_HOME>/<name>/export/<format>/`` (or ``<folder>/export/<format>``;
+            ``<format>-uint8`` with ``uint8_input``). It is replaced as a whole, atomically.
+        opset: ONNX opset, 13-20 (the dynamo exporter writes 18 and later; below 18 the legacy one runs).
         with_localization: add ``cam`` (CNN) or ``attention`` (ViT) as a second output.
+        exporter: ``dynamo`` (``torch.onnx.export(..., dynamo=True)``, default) or ``legacy``
+            (TorchScript, ``dynamo=False``); the receipt's ``exporter`` says which ran and why.
+        uint8_input: the graph takes uint8 images (N, H, W, C) of any size and does the resize, grey ->
+            RGB and mean/std itself (:class:`export.graph.Uint8Preprocess`); opset 18 or later.
         split, max_images, root: the evaluation images (default: the whole test split).
-        atol: FP32 gate on max abs logit difference. ``max_acc_drop``: FP16/INT8 gate, ACC points.
+        atol: FP32 gate on max abs logit difference. ``resize_atol``: the same on enlarged images
+            (uint8 bundles). ``max_acc_drop``: FP16/INT8 gate, ACC points.
         calib_images: training images for static INT8 calibration. ``int8``: auto, static or dynamic.
 
     Returns:
@@ -511,25 +728,42 @@ def to_onnx(model_or_name, format: str = "onnx", out=None, opset: int = DEFAULT_
         ExportError: bad format/opset/model; ParityError: the export does not reproduce torch.
     """
     check_format(format, ONNX_FORMATS)
-    job = prepare(model_or_name, format, out, opset, with_localization)
+    job = prepare(model_or_name, format, out, opset, with_localization, exporter, uint8_input)
     ref = reference(job, split, max_images, root)
     torch_metrics = _metrics(ref.outputs["logits"], ref.labels, job.entry.task)
+    name = job.entry.name
     with tempfile.TemporaryDirectory(prefix="zoo-export-") as work:
         path, fp32 = build_onnx(job, format, Path(work), ref, atol, calib_images, int8, root)
+        if uint8_input:
+            pre = export_uint8_preprocess(job, Path(work) / "uint8-preprocess.onnx")
+            path = with_uint8_input(pre, path, Path(work) / "bundle.onnx")
         check_model(path)
-        if format == "onnx":
+        extra: dict[str, Any] = {"exporter": fp32["exporter"], "uint8_input": uint8_input}
+        gate: dict[str, float] = {"fp32_atol": atol}
+        if format == "onnx" and not uint8_input:
             parity, acc = fp32["parity"], accuracy(torch_metrics, fp32["metrics"], "onnxruntime")
         else:
-            parity, got = measure(onnx_runner(path), ref, job)
-            acc = accuracy(torch_metrics, got, "onnxruntime", fp32=fp32["metrics"])
-        extra = {"parity_fp32": fp32["parity"]} if format != "onnx" else {}
+            parity, got = measure(onnx_runner(path), ref, job, raw=uint8_input)
+            extra["parity_fp32"] = fp32["parity"]
+            if format == "onnx":
+                check_fp32(parity, atol, f"the uint8-input ONNX export of {name}")
+                acc = accuracy(torch_metrics, got, "onnxruntime")
+            else:
+                acc = accuracy(torch_metrics, got, "onnxruntime", fp32=fp32["metrics"])
+                gate["max_acc_drop_pt"] = max_acc_drop
+        if uint8_input:
+            big = enlarged_reference(job, ref)
+            extra["parity_resized"] = {**compare(run_batches(onnx_runner(path), big, job, raw=True), big, job),
+                                       "size": list(big.images.shape[2:])}
+            gate["resize_atol"] = resize_atol
+            if format == "onnx":
+                check_resized(extra["parity_resized"], resize_atol, f"the uint8-input ONNX export of {name}")
         if "quantization" in fp32:
             extra["quantization"] = fp32["quantization"]
-        gate = {"fp32_atol": atol} if format == "onnx" else {"fp32_atol": atol, "max_acc_drop_pt": max_acc_drop}
         rec = receipt(job, format, path, ref, parity, acc, gates=gate, optimization="onnxruntime basic (offline)",
                       **extra)
         rec["file"] = "model.onnx"
         if format != "onnx":
-            check_accuracy(acc, len(ref.images), max_acc_drop, f"the {format} export of {job.entry.name}")
+            check_accuracy(acc, len(ref.images), max_acc_drop, f"the {format} export of {name}")
         out_dir = write_bundle(job, format, {"model.onnx": path}, rec, preprocess_spec(job, format, "model.onnx"))
     return ExportResult(format=format, dir=out_dir, path=out_dir / "model.onnx", receipt=rec)

@@ -9,8 +9,13 @@ beside ``model.onnx`` and ``preprocess.json``. On the edge device::
     edge/bin/python runner.py image.png [more.png ...]    # bundle = this file's folder
     edge/bin/python runner.py scan.png --bundle /opt/model --maps maps/
 
-Each image prints one JSON line, as ``zoo predict`` does: ``{"image", "label", "probs"}`` (plus
-``"labels"``, every label with p > 0.5, for multi-label tasks). Binary tasks give ``[1 - p, p]``.
+Each image prints one JSON line with the keys of ``zoo predict`` and of the HTTP ``/classify`` answer::
+
+    {"image": "scan.png", "label": "malignant", "labels": ["malignant"],
+     "probabilities": {"malignant": 0.91, "normal, benign": 0.09}, "threshold": 0.5}
+
+``labels`` is every label with p > threshold for multi-label tasks, ``[label]`` otherwise; binary tasks
+give ``1 - p`` and ``p`` over their two labels; ``threshold`` is ``null`` for softmax tasks.
 An image that cannot be read stops the run with one ``runner: error:`` line and status 2.
 
 Image files are read by the zoo's one rule (``zoo/images.py``, repeated here with the same messages
@@ -29,6 +34,18 @@ model's input size (e.g. MedMNIST's 28 px for 28 px models) give the same input 
 bit. Resize caveat: other sizes are resized in float with the same triangle filter as torch's
 antialiased bilinear (``F.interpolate(..., antialias=True)``, like Pillow's BILINEAR) or with torch's
 nearest rule; the input then agrees with the zoo's to one float32 rounding step (~1e-7), not bit for bit.
+
+Bundles exported with ``--uint8-input`` (``preprocess.json``: ``"input_dtype": "uint8"``,
+``"preprocessing": "in-graph"``) do all of that inside the graph: the runner converts each image to
+the model's mode and feeds its uint8 pixels, (1, H, W, C) channels last, at whatever size it has;
+images of different sizes run one size at a time. Float arrays are refused there (the graph takes
+8-bit pixels).
+
+The same numpy code, torch-free, serves the HTTP service's ONNX backend (``serving.runtime``, through
+``export.edge``): :func:`input_array`, the task rules (:func:`probabilities`, :func:`decide`,
+:func:`positives`) and the localization post-processing (:func:`class_map`, :func:`to_input_size`,
+:func:`normalise`, :func:`top_box`, :func:`overlay`), each equal to its torch-side original in
+``zoo`` (``zoo.data``, ``zoo.tasks``, ``zoo.maps``; tests/export/test_export_runner.py keeps them so).
 """
 
 from __future__ import annotations
@@ -40,11 +57,11 @@ import math
 import re
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
-from PIL import Image, ImageFile
+from PIL import Image, ImageDraw, ImageFile
 
 DEFAULT_MAX_PIXELS = 4096 * 4096
 
@@ -257,6 +274,64 @@ def resize(x: np.ndarray, size: int, mode: str = "bilinear") -> np.ndarray:
     return _resize_axis(_resize_axis(x, size, 2, mode), size, 1, mode)
 
 
+def image_mode(spec: dict) -> str:
+    return spec.get("image_mode") or ("L" if spec["in_chans"] == 1 else "RGB")
+
+
+def image_pixels(image, spec: dict, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """A path (read by :func:`read_image`), PIL image, uint8 array (H, W[, C]) or float array in [0, 1]
+    -> (H, W, C) uint8, or float32 for float arrays; PIL images are converted to the model's mode."""
+    if isinstance(image, (str, Path)):
+        try:
+            image = read_image(image, max_pixels)
+        except ImageError as e:
+            raise ImageError(e.status, f"{image}: {e.message}") from None
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert(image_mode(spec)))
+    a = np.asarray(image)
+    a = a[:, :, None] if a.ndim == 2 else a
+    if a.ndim != 3:
+        raise ValueError(f"cannot read an array of shape {a.shape} as an image; give (H, W) or (H, W, C)")
+    if np.issubdtype(a.dtype, np.floating):  # already in [0, 1], as zoo.load(...).predict takes it
+        a = a.astype(np.float32)
+    elif a.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 (0-255) or float in [0, 1], got {a.dtype}")
+    c, want = a.shape[2], spec["in_chans"]
+    if c not in (1, want):
+        raise ValueError(f"this model takes {want}-channel images (or greyscale), got {c} channels; convert the "
+                         f"images to {'greyscale' if want == 1 else 'RGB'} first")
+    return a
+
+
+def input_array(image, spec: dict, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """One image as the bundle's graph takes it: normalised float32 (C, S, S), the zoo's preprocessing;
+    or, for ``uint8`` bundles (the graph preprocesses), the image's own uint8 pixels (H, W, C)."""
+    a = image_pixels(image, spec, max_pixels)
+    if spec.get("input_dtype") == "uint8":
+        if a.dtype != np.uint8:
+            raise ValueError("this bundle takes 8-bit images (exported with --uint8-input): give a uint8 image, "
+                             "not a float array")
+        return np.ascontiguousarray(a)
+    x = np.ascontiguousarray(a.transpose(2, 0, 1)).astype(np.float32)
+    if a.dtype == np.uint8:
+        x = x / np.float32(spec["scale"])
+    c = spec["in_chans"]
+    if x.shape[0] == 1 and c == 3:
+        x = np.repeat(x, 3, axis=0)
+    x = resize(x, spec["input_size"], spec["resize"])
+    mean = np.asarray(spec["mean"], dtype=np.float32).reshape(c, 1, 1)
+    std = np.asarray(spec["std"], dtype=np.float32).reshape(c, 1, 1)
+    return (x - mean) / std
+
+
+# ----------------------------------------------------------------------------------------- task rules
+# zoo/tasks.py's table: binary models have one logit and scores [1 - p, p]; multi-label one sigmoid per
+# label; multi-class and ordinal a softmax. Sigmoid outputs are positive above 0.5.
+
+BINARY, MULTI_LABEL = "binary-class", "multi-label, binary-class"
+THRESHOLD = 0.5
+
+
 def _sigmoid(z: np.ndarray) -> np.ndarray:
     return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
 
@@ -264,6 +339,174 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
 def _softmax(z: np.ndarray) -> np.ndarray:
     e = np.exp(z - z.max(axis=1, keepdims=True))
     return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def threshold(task: str) -> float | None:
+    """The decision threshold of sigmoid tasks; None for softmax tasks."""
+    return THRESHOLD if task in (BINARY, MULTI_LABEL) else None
+
+
+def probabilities(logits: np.ndarray, task: str) -> np.ndarray:
+    """Logits (N, K) -> scores (N, C) in medmnist's layout, float32 (``zoo.tasks.Task.probs``)."""
+    z = np.asarray(logits, dtype=np.float32)
+    if task == BINARY:
+        p = _sigmoid(z[:, :1])
+        return np.concatenate([1 - p, p], axis=1)
+    if task == MULTI_LABEL:
+        return _sigmoid(z)
+    return _softmax(z)
+
+
+def decide(probs: np.ndarray, task: str) -> np.ndarray:
+    """One class index per image: ``p > 0.5`` for binary tasks, the argmax otherwise (``Task.decide``)."""
+    if task == BINARY:
+        return (probs[:, 1] > THRESHOLD).astype(np.int64)
+    return probs.argmax(axis=1).astype(np.int64)
+
+
+def positives(probs: np.ndarray, task: str) -> np.ndarray:
+    """(N, L) bool: the labels above threshold, for multi-label tasks (``Task.positives``)."""
+    if task != MULTI_LABEL:
+        raise ValueError(f"{task} tasks have one label per image; use decide()")
+    return probs > THRESHOLD
+
+
+# ----------------------------------------------------------------------------------------- localization maps
+# zoo/maps.py's post-processing of the ``cam`` / ``attention`` output, without torch or scipy.
+
+DEFAULT_THRESHOLD = 0.5
+DISPLAY_MIN_SIZE = 224
+# viridis at 9 evenly spaced points (the palette R's viridis(9) gives); interpolated linearly between.
+_VIRIDIS = np.array(
+    [[0x44, 0x01, 0x54], [0x47, 0x2D, 0x7B], [0x3B, 0x52, 0x8B], [0x2C, 0x72, 0x8E], [0x21, 0x90, 0x8C],
+     [0x27, 0xAD, 0x81], [0x5D, 0xC8, 0x63], [0xAA, 0xDC, 0x32], [0xFD, 0xE7, 0x25]], dtype=np.float64) / 255.0
+
+
+@dataclass(frozen=True)
+class Box:
+    """A box in pixels: ``x0, y0`` inclusive, ``x1, y1`` exclusive."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+
+    def scaled(self, sx: float, sy: float) -> Box:
+        """The same box in an image ``sx`` times as wide and ``sy`` times as high (rounded outwards)."""
+        return Box(int(np.floor(self.x0 * sx)), int(np.floor(self.y0 * sy)),
+                   int(np.ceil(self.x1 * sx)), int(np.ceil(self.y1 * sy)))
+
+
+def class_map(maps: np.ndarray, kind: str, task: str, index: int) -> np.ndarray:
+    """The map that explains label ``index``: ``cam`` (K, S, S) gives logit ``index``'s map (binary models
+    have one logit, so the negative class's evidence is its negation); ``attention`` is class-agnostic."""
+    if kind == "attention":
+        return maps
+    if task == BINARY:
+        return maps[0] if index == 1 else -maps[0]
+    return maps[index]
+
+
+def to_input_size(m: np.ndarray, size: int) -> np.ndarray:
+    """A map at the model's input size; patch-grid attention is upsampled bilinearly (Pillow, mode F)."""
+    if m.shape == (size, size):
+        return m.astype(np.float32)
+    return np.asarray(Image.fromarray(m.astype(np.float32)).resize((size, size), Image.BILINEAR))
+
+
+def normalise(m: np.ndarray) -> np.ndarray:
+    """Min-max to [0, 1]; a constant map (no evidence anywhere) is all zeros."""
+    lo, hi = float(m.min()), float(m.max())
+    if hi - lo <= 1e-12 * max(1.0, abs(hi)):
+        return np.zeros_like(m, dtype=np.float32)
+    return ((m - lo) / (hi - lo)).astype(np.float32)
+
+
+def _runs(row: np.ndarray) -> list[tuple[int, int]]:
+    """The [start, stop) runs of True in a boolean row."""
+    d = np.diff(np.concatenate(([0], row.astype(np.int8), [0])))
+    return list(zip(np.flatnonzero(d == 1).tolist(), np.flatnonzero(d == -1).tolist()))
+
+
+def top_box(heat: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> Box:
+    """The bounding box of the 4-connected region around the maximum of ``heat`` (in [0, 1]) where it is
+    >= ``threshold``: a flood fill over each row's runs of such pixels (runs in adjacent rows touch when
+    they share a column)."""
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    heat = np.asarray(heat)
+    r0, c0 = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    mask = heat >= min(threshold, float(heat[r0, c0]))
+    runs = [_runs(row) for row in mask]
+    seed = next(k for k, (a, b) in enumerate(runs[r0]) if a <= c0 < b)
+    seen, todo = {(int(r0), seed)}, [(int(r0), seed)]
+    x0, x1 = runs[r0][seed]
+    y0 = y1 = int(r0)
+    while todo:
+        r, k = todo.pop()
+        a, b = runs[r][k]
+        x0, x1, y0, y1 = min(x0, a), max(x1, b), min(y0, r), max(y1, r)
+        for rr in (r - 1, r + 1):
+            if 0 <= rr < len(runs):
+                for kk, (a2, b2) in enumerate(runs[rr]):
+                    if a2 < b and a < b2 and (rr, kk) not in seen:
+                        seen.add((rr, kk))
+                        todo.append((rr, kk))
+    return Box(x0, y0, x1, y1 + 1)
+
+
+def colormap(values: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] (any shape) -> viridis RGB (..., 3) floats in [0, 1]; values outside are clipped."""
+    v = np.clip(np.asarray(values, dtype=np.float64), 0.0, 1.0)
+    pos = np.linspace(0.0, 1.0, len(_VIRIDIS))
+    return np.stack([np.interp(v, pos, _VIRIDIS[:, ch]) for ch in range(3)], axis=-1)
+
+
+def _rgb(image) -> np.ndarray:
+    """A uint8 (H, W) / (H, W, 1) / (H, W, 3) array or PIL image -> uint8 (H, W, 3)."""
+    a = np.asarray(image.convert("RGB")) if isinstance(image, Image.Image) else np.asarray(image)
+    if a.dtype != np.uint8:
+        raise ValueError(f"overlay takes uint8 images (0-255), got dtype {a.dtype}")
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=-1)
+    if a.ndim != 3 or a.shape[-1] != 3:
+        raise ValueError(f"overlay takes an image (H, W) or (H, W, 3), got shape {a.shape}")
+    return a
+
+
+def overlay(image, heatmap: np.ndarray, alpha: float = 0.5, min_size: int = DISPLAY_MIN_SIZE,
+            size: tuple[int, int] | None = None, box: Box | None = None) -> Image.Image:
+    """``zoo.maps.overlay``: the heatmap (min-max scaled, viridis, upsampled bilinearly) alpha-blended over
+    the image, as RGB; images with a short side below ``min_size`` are upscaled by an integer factor
+    (nearest) first, or resized to ``size`` = (width, height) (bilinear); ``box`` (heatmap pixels) in green."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    a = _rgb(image)
+    if size is not None:
+        a = np.asarray(Image.fromarray(a).resize(size, Image.Resampling.BILINEAR))
+    else:
+        k = max(1, math.ceil(min_size / min(a.shape[0], a.shape[1])))
+        a = a.repeat(k, axis=0).repeat(k, axis=1) if k > 1 else a
+    img = a.astype(np.float64) / 255.0
+    h = np.asarray(heatmap).astype(np.float64)
+    if h.ndim != 2 or 0 in h.shape or not np.isfinite(h).all():
+        raise ValueError(f"a heatmap is a finite 2-D array (g_h, g_w), got shape {h.shape}")
+    lo, hi = h.min(), h.max()
+    h_scaled = (h - lo) / (hi - lo) if hi > lo else np.zeros_like(h)
+    up = np.asarray(Image.fromarray(h_scaled.astype(np.float32), mode="F").resize((img.shape[1], img.shape[0]),
+                                                                                Image.Resampling.BILINEAR))
+    blend = (1.0 - alpha) * img + alpha * colormap(up)
+    out = Image.fromarray(np.round(blend * 255.0).clip(0, 255).astype(np.uint8), mode="RGB")
+    if box is not None:
+        b = box.scaled(out.width / h.shape[1], out.height / h.shape[0])
+        ImageDraw.Draw(out).rectangle([b.x0, b.y0, b.x1 - 1, b.y1 - 1], outline=(0, 255, 0),
+                                      width=max(1, out.width // 112))
+    return out
+
+
+# ----------------------------------------------------------------------------------------- the bundle
 
 
 class Bundle:
@@ -276,6 +519,8 @@ class Bundle:
         if not spec_path.is_file():
             raise FileNotFoundError(f"{spec_path} not found: run the runner inside an export bundle or pass --bundle")
         self.spec = json.loads(spec_path.read_text())
+        import onnxruntime as ort  # here, not at the top: the functions above serve without it (export.edge)
+
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
@@ -284,59 +529,48 @@ class Bundle:
         if not model.is_file():
             raise FileNotFoundError(f"{model} not found: copy it with preprocess.json from the export folder")
         self.session = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
-        s = self.spec
-        c = s["in_chans"]
-        self.mean = np.asarray(s["mean"], dtype=np.float32).reshape(c, 1, 1)
-        self.std = np.asarray(s["std"], dtype=np.float32).reshape(c, 1, 1)
 
     def image_to_array(self, image) -> np.ndarray:
         """A path (read by :func:`read_image`), PIL image, uint8 array (H, W[, C]) or float array in [0, 1]
-        -> normalised float32 (C, S, S)."""
-        s = self.spec
-        if isinstance(image, (str, Path)):
-            try:
-                image = read_image(image, self.max_pixels)
-            except ImageError as e:
-                raise ImageError(e.status, f"{image}: {e.message}") from None
-        if isinstance(image, Image.Image):
-            image = np.asarray(image.convert(s["image_mode"]))
-        a = np.asarray(image)
-        a = a[:, :, None] if a.ndim == 2 else a
-        if np.issubdtype(a.dtype, np.floating):  # already in [0, 1], as zoo.load(...).predict takes it
-            x = np.ascontiguousarray(a.transpose(2, 0, 1)).astype(np.float32)
-        elif a.dtype == np.uint8:
-            x = np.ascontiguousarray(a.transpose(2, 0, 1)).astype(np.float32) / np.float32(s["scale"])
-        else:
-            raise ValueError(f"images must be uint8 (0-255) or float in [0, 1], got {a.dtype}")
-        if x.shape[0] == 1 and s["in_chans"] == 3:
-            x = np.repeat(x, 3, axis=0)
-        if x.shape[0] != s["in_chans"]:
-            raise ValueError(f"the model takes {s['in_chans']}-channel images, got {x.shape[0]} channels")
-        x = resize(x, s["input_size"], s["resize"])
-        return (x - self.mean) / self.std
+        -> what the graph takes for it (:func:`input_array`)."""
+        return input_array(image, self.spec, self.max_pixels)
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
-        task = self.spec["task"]
-        if task == "binary-class":
-            p = _sigmoid(logits[:, :1])
-            return np.concatenate([1 - p, p], axis=1)
-        if task == "multi-label, binary-class":
-            return _sigmoid(logits)
-        return _softmax(logits)
+        return probabilities(logits, self.spec["task"])
+
+    def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        """The graph's outputs for one input array per image, batched by shape (uint8 bundles take any
+        image size, one size per batch), in the order given."""
+        name = self.spec["input_name"]
+        groups: dict[tuple, list[int]] = {}
+        for i, a in enumerate(arrays):
+            groups.setdefault(a.shape, []).append(i)
+        outs: list[list[np.ndarray | None]] = []
+        for idx in groups.values():
+            got = self.session.run(None, {name: np.stack([arrays[i] for i in idx])})
+            if not outs:
+                outs = [[None] * len(arrays) for _ in got]
+            for k, o in enumerate(got):
+                for j, i in enumerate(idx):
+                    outs[k][i] = o[j]
+        return [np.stack(o) for o in outs]
 
     def predict(self, images: list) -> list[dict]:
-        """One dict per image: ``label``, ``probs`` (list), ``labels`` (multi-label) and any map output."""
-        x = np.stack([self.image_to_array(im) for im in images])
-        outs = self.session.run(None, {self.spec["input_name"]: x})
+        """One dict per image: ``label``, ``labels``, ``probabilities`` ({label: p}), ``threshold`` (the keys of
+        ``zoo predict``) and any map output (numpy arrays under the output's name)."""
+        outs = self.run([self.image_to_array(im) for im in images])
         names = [o.name for o in self.session.get_outputs()]
-        probs = self.probabilities(outs[0].astype(np.float32))
-        labels, task = self.spec["labels"], self.spec["task"]
+        task = self.spec["task"]
+        probs = probabilities(outs[0], task)
+        idx = decide(probs, task)
+        labels = self.spec["labels"]
         results = []
         for i, p in enumerate(probs):
-            idx = int(p[1] > 0.5) if task == "binary-class" else int(p.argmax())
-            r = {"label": labels[idx], "probs": [round(float(v), 6) for v in p]}
-            if task == "multi-label, binary-class":
-                r["labels"] = [labels[j] for j in np.flatnonzero(p > 0.5)]
+            label = labels[int(idx[i])]
+            r = {"label": label,
+                 "labels": ([labels[j] for j in np.flatnonzero(positives(p[None], task)[0])] if task == MULTI_LABEL
+                            else [label]),
+                 "probabilities": {n: round(float(v), 6) for n, v in zip(labels, p)}, "threshold": threshold(task)}
             for name, o in zip(names[1:], outs[1:]):
                 r[name] = o[i]
             results.append(r)

@@ -30,6 +30,7 @@ import torch
 from export.errors import ExportArgumentError, ExportError
 from export.onnx_export import (
     CALIB_IMAGES,
+    DEFAULT_EXPORTER,
     DEFAULT_OPSET,
     FP32_ATOL,
     INPUT,
@@ -158,7 +159,8 @@ class EngineRunner:
 
 
 def to_tensorrt(model_or_name, out=None, precision: str = "fp16", opset: int = DEFAULT_OPSET,
-                with_localization: bool = False, *, split: str = "test", max_images: int | None = None, root=None,
+                with_localization: bool = False, *, exporter: str = DEFAULT_EXPORTER, split: str = "test",
+                max_images: int | None = None, root=None,
                 batch: tuple[int, int, int] = (1, 8, 64), workspace_gib: int = 4, atol: float = FP32_ATOL,
                 max_acc_drop: float = MAX_ACC_DROP_PT, calib_images: int = CALIB_IMAGES) -> ExportResult:
     """Build a TensorRT engine of a zoo model: ``model.engine`` + its source ``model.onnx`` + receipt.
@@ -175,7 +177,7 @@ def to_tensorrt(model_or_name, out=None, precision: str = "fp16", opset: int = D
                                        "(--format onnx, onnx-fp16 or onnx-int8) and build the engine on the target")
     import tensorrt as trt
 
-    job = prepare(model_or_name, "tensorrt", out, opset, with_localization)
+    job = prepare(model_or_name, "tensorrt", out, opset, with_localization, exporter)
     ref = reference(job, split, max_images, root)
     torch_metrics = _metrics(ref.outputs["logits"], ref.labels, job.entry.task)
     e = job.entry
@@ -191,7 +193,8 @@ def to_tensorrt(model_or_name, out=None, precision: str = "fp16", opset: int = D
         extra = {"quantization": fp32["quantization"]} if "quantization" in fp32 else {}
         rec = receipt(job, "tensorrt", engine, ref, parity, acc, gates={"fp32_atol": atol, "max_acc_drop_pt":
                                                                         max_acc_drop},
-                      parity_fp32=fp32["parity"], tensorrt=info, onnx_source=src_fmt, **extra)
+                      parity_fp32=fp32["parity"], tensorrt=info, onnx_source=src_fmt, exporter=fp32["exporter"],
+                      **extra)
         rec["file"] = "model.engine"
         check_accuracy(acc, len(ref.images), max_acc_drop, f"the TensorRT {precision} engine of {e.name}")
         spec = {**preprocess_spec(job, "tensorrt", "model.onnx"), "engine_file": "model.engine"}

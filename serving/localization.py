@@ -5,6 +5,9 @@ the ONNX file is traced from): class-activation maps for CNN students and the la
 patch attention for ViT probes. No detection head is involved: the box is the bounding box of the
 connected region around the map's maximum where the min-max-normalised map is at least ``threshold``
 (:func:`zoo.maps.top_box`). Only the overlay's size policy and encoding are the service's own.
+
+The post-processing functions are the torch-free copies in ``export.edge`` (the bundle runner, tested
+equal to :mod:`zoo.maps`'s), so a bento without torch answers ``/localize`` as ``zoo serve`` does.
 """
 
 from __future__ import annotations
@@ -15,7 +18,10 @@ import io
 import numpy as np
 from PIL import Image
 
-from zoo.maps import DEFAULT_THRESHOLD, Box, class_map, normalise, overlay, to_input_size, top_box
+from export import edge
+
+DEFAULT_THRESHOLD, Box, class_map, normalise = edge.DEFAULT_THRESHOLD, edge.Box, edge.class_map, edge.normalise
+overlay, to_input_size, top_box = edge.overlay, edge.to_input_size, edge.top_box
 
 __all__ = ["DEFAULT_THRESHOLD", "Box", "b64", "class_map", "normalise", "overlay_png", "overlay_size",
            "to_input_size", "top_box"]

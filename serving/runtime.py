@@ -12,10 +12,16 @@ A served model is a built zoo entry behind one of two runtimes:
 - ``torch``: ``zoo.load(name)`` through :class:`zoo.maps.WithLocalization`, the module the ONNX file
   is traced from, so both runtimes give the same two outputs.
 
-Images become model input exactly as in ``ZooModel.predict``: ``zoo.inference.to_batch`` (PIL's
-conversion to the entry's L/RGB mode) then ``zoo.data.preprocess`` with ``ZooEntry.preprocess``
-(resize, channel replication, mean/std); logits become probabilities and labels with
-``zoo.inference.logits_to_probs`` and ``make_prediction``. Nothing here restates mean/std or task rules.
+A name is a zoo name or entry folder (read from ``$ZOO_HOME``), or a BentoML model tag
+``NAME:VERSION`` (:func:`is_model_tag`): a bundle a bento carries (``zoo bento``, :mod:`serving.bento`),
+an entry folder in BentoML's model store with the same layout (``config.json``, ``export/<format>/``).
+
+The ONNX path imports no torch (a bento built with ``--onnx-only`` has none): images become model
+input with the bundle runner's numpy code (``export.edge.input_array``, equal to ``zoo.inference.to_batch``
++ ``zoo.data.preprocess`` with ``ZooEntry.preprocess``: PIL's conversion to the entry's L/RGB mode,
+resize, channel replication, mean/std), and logits become probabilities and labels with its task rules
+(``export.edge``, equal to ``zoo.tasks``). The torch backend preprocesses with the zoo's own torch code.
+Nothing here restates mean/std or task rules: they are read from the bundle's ``preprocess.json``.
 """
 
 from __future__ import annotations
@@ -24,30 +30,25 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 import export
 import zoo.store as store
+from export import edge
 from serving.inputs import DecodedImage, RequestError
 from serving.localization import DEFAULT_THRESHOLD, b64, class_map, normalise, overlay_png, to_input_size, top_box
-from zoo.backbones import merge_adapters
-from zoo.data import preprocess
-from zoo.inference import logits_to_probs, make_prediction, to_batch
-from zoo.loading import NotBuiltError, load, resolve
-from zoo.maps import MAP_KINDS, WithLocalization
-from zoo.registry import ZooEntry
-from zoo.tasks import get_task
 
 log = logging.getLogger("bentoml.serve.medzoo")  # under BentoML's logger, so the worker's log shows it
 
-MAP_OUTPUTS = MAP_KINDS
+MAP_OUTPUTS = ("cam", "attention")  # zoo.maps.MAP_KINDS: the localization outputs of an export
+_TAG = re.compile(r"^[a-z0-9]([-._a-z0-9]*[a-z0-9])?:[a-z0-9]([-._a-z0-9]*[a-z0-9])?$")
 
 
 class ServingError(ValueError):
@@ -57,12 +58,31 @@ class ServingError(ValueError):
 # ----------------------------------------------------------------------------------------- artifacts
 
 
-def entry_folder(name: str) -> Path:
-    """The folder of a built entry: a path when ``name`` looks like one (entry or run), else its store folder.
+def is_model_tag(name: str) -> bool:
+    """``NAME:VERSION`` in BentoML's tag syntax: a model in BentoML's model store, not a zoo name or folder
+    (zoo names hold no ``:``; ``hf-hub:org/repo`` holds a ``/``, which tags cannot)."""
+    return bool(_TAG.match(name))
 
-    Unknown names raise ``UnknownModelError``; whether it is built is checked when it is loaded.
-    """
+
+def entry_folder(name: str) -> Path:
+    """The folder of a built entry: a BentoML model's folder for a tag, a path when ``name`` looks like one
+    (entry or run), else its store folder. Unknown names raise ``UnknownModelError``; whether it is built
+    is checked when it is loaded."""
+    if is_model_tag(name):
+        import bentoml  # the worker has it loaded already; `zoo serve`'s checks need it only for tags
+
+        try:
+            return Path(bentoml.models.get(name).path)
+        except bentoml.exceptions.NotFound:
+            raise ServingError(f"model {name} is not in BentoML's model store ({bentoml_home()}); build the "
+                               "bento with `zoo bento`, or import it with `bentoml models import`") from None
+    from zoo.loading import resolve  # the zoo store's resolver imports torch: only for zoo names
+
     return resolve(name, must_exist=False).dir
+
+
+def bentoml_home() -> str:
+    return os.environ.get("BENTOML_HOME", "~/bentoml")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -81,6 +101,8 @@ def bundle_problem(folder: Path, fmt: str = "onnx") -> str | None:
     rec, cfg = _read_json(d / "export.json"), _read_json(folder / "config.json")
     if not set(rec.get("outputs", [])) & set(MAP_OUTPUTS):
         return f"{d} was exported without a localization output (--with-localization)"
+    if _read_json(d / "preprocess.json").get("input_dtype", "float32") != "float32":
+        return f"{d} was exported with uint8 input (--uint8-input); the service feeds normalised float input"
     if rec.get("entry") != cfg.get("entry") or rec.get("created", "") < cfg.get("created", ""):
         return f"{d} was exported from another build of the entry"
     if store.sha256_file(d / "model.onnx") != rec.get("sha256"):
@@ -90,12 +112,15 @@ def bundle_problem(folder: Path, fmt: str = "onnx") -> str | None:
 
 def ensure_onnx(name: str, say: Callable[[str], None] = log.info, fmt: str = "onnx") -> Path:
     """The ONNX bundle of ``name`` in format ``fmt`` with its localization output, exported (and
-    parity-checked; INT8 is calibrated on training images) when missing or stale."""
+    parity-checked; INT8 is calibrated on training images) when missing or stale. A BentoML model
+    (a bento's) carries its bundle: it is checked, never exported."""
     export.get_format(fmt, export.SERVABLE)
     folder = entry_folder(name)
     problem = bundle_problem(folder, fmt) if (folder / "config.json").is_file() else "not built"
     if problem is None:
         return folder / "export" / fmt
+    if is_model_tag(name):
+        raise ServingError(f"cannot serve {name}: {problem}; rebuild the bento with `zoo bento ... --format {fmt}`")
     say(f"exporting {name} to {fmt} with its localization output ({problem}); this runs the parity check once")
     return export.to_onnx(name, fmt, with_localization=True).dir
 
@@ -104,6 +129,49 @@ def weights_version(config: dict[str, Any]) -> str:
     """A short digest of the entry's weight files (their sha256s as recorded when it was built)."""
     recorded = sorted(config.get("sha256", {}).items())
     return hashlib.sha256("\n".join(f"{k}:{v}" for k, v in recorded).encode()).hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------------------- entries
+
+
+@dataclass(frozen=True)
+class ServedEntry:
+    """What serving reads of a zoo entry (``zoo.registry.ZooEntry``'s fields), with per-channel mean/std,
+    from a bundle's receipt and ``preprocess.json`` (no torch) or from the entry itself (torch backend)."""
+
+    name: str
+    task: str
+    labels: tuple[str, ...]
+    in_chans: int
+    input_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    resize: str
+    method: str | None = None
+    arch: str | None = None
+    dataset: str | None = None
+    teacher: str | None = None
+    license: str | None = None
+
+    @classmethod
+    def from_bundle(cls, entry: dict[str, Any], spec: dict[str, Any]) -> ServedEntry:
+        return cls(name=entry["name"], task=spec["task"], labels=tuple(spec["labels"]), in_chans=spec["in_chans"],
+                   input_size=spec["input_size"], mean=tuple(spec["mean"]), std=tuple(spec["std"]),
+                   resize=spec["resize"], **{k: entry.get(k) for k in ("method", "arch", "dataset", "teacher",
+                                                                       "license")})
+
+    @classmethod
+    def from_zoo(cls, e) -> ServedEntry:
+        p = e.preprocess
+        return cls(name=e.name, task=e.task, labels=tuple(e.labels), in_chans=e.in_chans, input_size=e.input_size,
+                   mean=tuple(p.mean), std=tuple(p.std), resize=e.resize, method=e.method, arch=e.arch,
+                   dataset=e.dataset, teacher=e.teacher, license=e.license)
+
+    def spec(self) -> dict[str, Any]:
+        """The ``preprocess.json`` fields that :func:`export.edge.input_array` reads (float input)."""
+        return {"in_chans": self.in_chans, "input_size": self.input_size, "mean": list(self.mean),
+                "std": list(self.std), "resize": self.resize, "scale": 255.0, "input_dtype": "float32",
+                "image_mode": "L" if self.in_chans == 1 else "RGB"}
 
 
 # ----------------------------------------------------------------------------------------- runtimes
@@ -135,7 +203,13 @@ class TorchRuntime:
     """``zoo.load``'s net with its localization map (:class:`zoo.maps.WithLocalization`, the module the
     ONNX file is traced from), so both runtimes give the same two outputs."""
 
-    def __init__(self, net: torch.nn.Module, input_size: int):
+    def __init__(self, net, input_size: int):
+        import torch  # the torch backend only: the ONNX path runs without torch
+
+        from zoo.backbones import merge_adapters
+        from zoo.maps import WithLocalization
+
+        self.torch = torch
         net = merge_adapters(net).eval()
         try:
             self.graph = WithLocalization(net, input_size).eval()
@@ -145,9 +219,9 @@ class TorchRuntime:
             self.outputs = ["logits"]
         self.name = f"torch {torch.__version__.split('+')[0]}"
 
-    @torch.inference_mode()
     def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        out = self.graph(torch.from_numpy(x))
+        with self.torch.inference_mode():
+            out = self.graph(self.torch.from_numpy(x))
         if isinstance(out, tuple):
             return out[0].float().numpy(), out[1].float().numpy()
         return out.float().numpy(), None
@@ -161,7 +235,7 @@ class Prepared:
     """One image, checked and preprocessed: ``x`` (C, S, S) model input; ``image`` what the model saw, unresized."""
 
     x: np.ndarray
-    image: torch.Tensor  # (1, C, H, W) uint8, or float in [0, 1]
+    image: np.ndarray  # (H, W, C) uint8, or float in [0, 1]
     width: int
     height: int
 
@@ -180,8 +254,8 @@ class Output:
 class ServedModel:
     """A loaded zoo entry with its runtime, preprocessing and task semantics."""
 
-    def __init__(self, entry: ZooEntry, runtime: OnnxRuntime | TorchRuntime, config: dict[str, Any], backend: str,
-                 fmt: str = "onnx"):
+    def __init__(self, entry: ServedEntry, runtime: OnnxRuntime | TorchRuntime, config: dict[str, Any],
+                 backend: str, fmt: str = "onnx"):
         self.entry = entry
         self.runtime = runtime
         self.backend = backend
@@ -190,6 +264,7 @@ class ServedModel:
         self.version = weights_version(config)
         self.built = str(config.get("created", ""))
         self.map_kind = next((o for o in runtime.outputs[1:] if o in MAP_OUTPUTS), None)
+        self._spec = entry.spec()
 
     @property
     def name(self) -> str:
@@ -201,8 +276,8 @@ class ServedModel:
         return {"name": e.name, "version": self.version, "built": self.built, "backend": self.runtime.name,
                 "format": self.format, "precision": self.precision, "task": e.task, "labels": list(e.labels),
                 "in_chans": e.in_chans, "input_size": e.input_size,
-                "image_mode": "L" if e.in_chans == 1 else "RGB", "mean": list(e.preprocess.mean),
-                "std": list(e.preprocess.std), "resize": e.resize, "localization": self.map_kind,
+                "image_mode": "L" if e.in_chans == 1 else "RGB", "mean": list(e.mean),
+                "std": list(e.std), "resize": e.resize, "localization": self.map_kind,
                 "method": e.method, "arch": e.arch, "dataset": e.dataset, "teacher": e.teacher, "license": e.license}
 
     # --- per request (before batching)
@@ -210,12 +285,21 @@ class ServedModel:
     def prepare(self, decoded: DecodedImage) -> Prepared:
         """Decoded upload -> normalised model input, as ``ZooModel.predict`` builds it."""
         try:
-            (t,) = to_batch([decoded.image], self.entry.in_chans)
+            pixels = edge.image_pixels(decoded.image, self._spec)
+            x = self._torch_input(pixels) if self.backend == "torch" else edge.input_array(pixels, self._spec)
         except ValueError as e:  # e.g. a float RGB array for a grey model
             raise RequestError(422, str(e).removeprefix("predict: ")) from None
-        x = preprocess(t, self.entry.preprocess)[0].numpy()
-        return Prepared(x=np.ascontiguousarray(x, dtype=np.float32), image=t, width=decoded.width,
+        return Prepared(x=np.ascontiguousarray(x, dtype=np.float32), image=pixels, width=decoded.width,
                         height=decoded.height)
+
+    def _torch_input(self, pixels: np.ndarray) -> np.ndarray:
+        """The zoo's own torch preprocessing (``to_batch`` + ``preprocess``), for the torch backend."""
+        from zoo.data import Preprocess, preprocess  # the torch backend only
+        from zoo.inference import to_batch
+
+        e = self.entry
+        (t,) = to_batch([pixels], e.in_chans)
+        return preprocess(t, Preprocess(e.input_size, e.in_chans, e.mean, e.std, e.resize))[0].numpy()
 
     # --- per batch (in the batcher's thread)
 
@@ -223,9 +307,15 @@ class ServedModel:
         """A batch (N, C, S, S) -> one :class:`Output` per image."""
         logits, maps = self.runtime(x)
         e = self.entry
-        pred = make_prediction(logits_to_probs(torch.from_numpy(logits), e.task), e.task, e.labels)
-        return [Output(probs=pred.probs[i], label=pred.labels[i], labels=pred.label_sets[i],
-                       index=int(pred.indices[i]), map=None if maps is None else maps[i]) for i in range(len(pred))]
+        probs = edge.probabilities(logits, e.task)
+        idx = edge.decide(probs, e.task)
+        labels = [e.labels[i] for i in idx]
+        if e.task == edge.MULTI_LABEL:  # every label above the threshold
+            sets = [[e.labels[j] for j in np.flatnonzero(row)] for row in edge.positives(probs, e.task)]
+        else:
+            sets = [[lab] for lab in labels]
+        return [Output(probs=probs[i], label=labels[i], labels=sets[i], index=int(idx[i]),
+                       map=None if maps is None else maps[i]) for i in range(len(probs))]
 
     # --- per response
 
@@ -234,7 +324,7 @@ class ServedModel:
         return {"model": e.name, "version": self.version, "built": self.built, "backend": self.runtime.name,
                 "task": e.task, "label": out.label, "labels": out.labels,
                 "probabilities": {lab: round(float(p), 6) for lab, p in zip(e.labels, out.probs)},
-                "threshold": get_task(e.task).threshold}
+                "threshold": edge.threshold(e.task)}
 
     def target_index(self, label: str | None, out: Output) -> int:
         """The label whose map to show: the one asked for, else the prediction."""
@@ -273,11 +363,10 @@ class ServedModel:
             n = min(2 * n, max_batch_size)
 
 
-def _as_pil(t: torch.Tensor) -> Image.Image:
-    a = t[0]
-    if a.dtype != torch.uint8:
-        a = (a * 255).round().clamp(0, 255).to(torch.uint8)
-    a = a.permute(1, 2, 0).numpy()
+def _as_pil(a: np.ndarray) -> Image.Image:
+    """(H, W, C) uint8 or float in [0, 1] -> the PIL image the overlay is drawn on."""
+    if a.dtype != np.uint8:
+        a = np.clip(np.round(a * 255), 0, 255).astype(np.uint8)
     return Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a)
 
 
@@ -299,31 +388,49 @@ def load_model(name: str, backend: str, threads: int = 0, fmt: str = "onnx") -> 
     if backend == "torch":
         if fmt != "onnx":
             raise ServingError(f"the torch backend serves fp32 only; use --backend onnx for {fmt}")
+        import torch  # the torch backend only
+
+        from zoo.loading import load
+
         torch.set_num_threads(threads)
-        model = load(name)
-        return ServedModel(model.entry, TorchRuntime(model.net, model.entry.input_size), model.info, "torch")
+        model = load(str(entry_folder(name)) if is_model_tag(name) else name)
+        return ServedModel(ServedEntry.from_zoo(model.entry), TorchRuntime(model.net, model.entry.input_size),
+                           model.info, "torch")
     if backend != "onnx":
         raise ServingError(f"unknown backend {backend!r}; choose onnx or torch")
     folder = entry_folder(name)
     if not (folder / "config.json").is_file():
+        if is_model_tag(name):
+            raise ServingError(f"{name} ({folder}) holds no config.json: not a zoo bundle saved by `zoo bento`")
+        from zoo.loading import NotBuiltError  # zoo names only (the zoo store)
+
         raise NotBuiltError(f"{name} is not built in {store.zoo_home()}; build it with `zoo build {name}`")
     problem = bundle_problem(folder, fmt)
     if problem:
+        if is_model_tag(name):
+            raise ServingError(f"cannot serve {name}: {problem}; rebuild the bento with `zoo bento`")
         raise ServingError(f"cannot serve {name}: {problem}; start it with `zoo serve {name} --format {fmt}`, which "
                            "exports it")
     d = folder / "export" / fmt
     rec, spec = _read_json(d / "export.json"), _read_json(d / "preprocess.json")
     cfg = _read_json(folder / "config.json")
-    entry = ZooEntry.from_dict(rec["entry"])
-    _check_spec(entry, spec, d)
+    entry = ServedEntry.from_bundle(rec["entry"], spec)
+    _check_spec(rec["entry"], spec, d)
     return ServedModel(entry, OnnxRuntime(d / spec["model_file"], threads), cfg, "onnx", fmt)
 
 
-def _check_spec(e: ZooEntry, spec: dict[str, Any], d: Path) -> None:
-    """``preprocess.json`` must describe the entry's own preprocessing (it is written from it)."""
-    p = e.preprocess
-    want = {"in_chans": e.in_chans, "input_size": e.input_size, "mean": list(p.mean), "std": list(p.std),
-            "resize": e.resize, "task": e.task, "labels": list(e.labels)}
+def _check_spec(entry: dict[str, Any], spec: dict[str, Any], d: Path) -> None:
+    """``preprocess.json`` must describe the entry's own preprocessing (it is written from it): the receipt's
+    entry fields, with mean/std given once for every channel expanded as ``zoo.data.per_channel`` does."""
+    c = entry.get("in_chans")
+
+    def per_channel(v):
+        v = [float(x) for x in v or []]
+        return v * c if len(v) == 1 and isinstance(c, int) else v
+
+    want = {"in_chans": c, "input_size": entry.get("input_size"), "mean": per_channel(entry.get("mean")),
+            "std": per_channel(entry.get("std")), "resize": entry.get("resize", "bilinear"),
+            "task": entry.get("task"), "labels": list(entry.get("labels") or [])}
     diff = sorted(k for k, v in want.items() if spec.get(k) != v)
     if diff:
         raise ServingError(f"{d / 'preprocess.json'} disagrees with the entry on {', '.join(diff)}; re-export it")

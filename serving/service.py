@@ -40,6 +40,7 @@ from serving import traffic
 from serving.config import ServeConfig
 from serving.inputs import RequestError, open_upload
 from serving.localization import DEFAULT_THRESHOLD, OVERLAY_MAX_SIDE
+from serving.runtime import is_model_tag
 from serving.schemas import ClassifyResponse, ErrorResponse, LocalizeResponse
 
 log = logging.getLogger("bentoml.serve.medzoo")  # under BentoML's logger, so the worker's log shows it
@@ -55,6 +56,11 @@ RELEASE_AFTER_S = 0.5
 # Read at import, because BentoML takes its logging settings from the decorator; everything else is
 # read in the worker from the same bento arguments (ServeConfig).
 ACCESS_LOG = TypeAdapter(bool).validate_python(getattr(bentoml.use_arguments(), "access_log", False))
+# Served names that are BentoML model tags (NAME:VERSION, the bundles `zoo bento` saves) are declared as
+# the service's models, so `bentoml build --arg models=TAG` packs them into the bento (and its
+# containers); zoo names are read from $ZOO_HOME at run time and declare nothing.
+_NAMES = getattr(bentoml.use_arguments(), "models", None) or []
+BUNDLED = [m.strip() for m in (_NAMES.split(",") if isinstance(_NAMES, str) else _NAMES) if is_model_tag(m.strip())]
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -261,12 +267,6 @@ def _metrics() -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------- service
 
 
-# BentoML records no spans unless a tracing exporter is configured, yet its OpenTelemetry middleware
-# still builds each request's span attributes (about a third of the per-request Python work here):
-# every URL is excluded from it.
-@bentoml.service(name="medzoo", workers=1, traffic={"timeout": 60}, logging={"access": {"enabled": ACCESS_LOG}},
-                 tracing={"excluded_urls": ".*"})
-@bentoml.asgi_app(_extra_routes, path="/")
 class ZooService:
     """Classification and localization for MedMNIST zoo models (medzoo).
 
@@ -421,18 +421,17 @@ def _threshold(raw: str | None) -> float:
 
 
 def _load_all(cfg: ServeConfig) -> list:
-    """Load and warm up every model (in a thread: ONNX sessions and torch modules take seconds)."""
-    import torch
+    """Load and warm up every model (in a thread: ONNX sessions and torch modules take seconds).
 
+    The ONNX backend imports no torch: preprocessing and task rules are numpy (``export.edge``), so a
+    bento without torch serves it; a bento's models (BentoML tags) carry their bundles.
+    """
     from serving.runtime import (  # loaded in the background task, so /livez answers at once
         ServingError,
         ensure_onnx,
         load_model,
     )
 
-    if cfg.backend == "onnx":
-        # Preprocessing runs torch ops on one small image per request; more threads would only spin.
-        torch.set_num_threads(1)
     models = []
     for name in cfg.models:
         if cfg.backend == "onnx":
@@ -463,6 +462,14 @@ def _fixed_input_schema(service) -> None:
         spec.model_validate_json = classmethod(lambda cls, data, **kw: cls.model_validate(data, **kw))
 
 
+for _i, _tag in enumerate(BUNDLED):  # before the decorator, which collects the class's models
+    setattr(ZooService, f"bundle_{_i}", bentoml.models.BentoModel(_tag))
+# BentoML records no spans unless a tracing exporter is configured, yet its OpenTelemetry middleware
+# still builds each request's span attributes (about a third of the per-request Python work here):
+# every URL is excluded from it.
+ZooService = bentoml.service(
+    name="medzoo", workers=1, traffic={"timeout": 60}, logging={"access": {"enabled": ACCESS_LOG}},
+    tracing={"excluded_urls": ".*"})(bentoml.asgi_app(_extra_routes, path="/")(ZooService))
 ZooService.add_asgi_middleware(traffic.JsonErrors)  # outside RequestGuard: every error answer is JSON
 ZooService.add_asgi_middleware(RequestGuard)
 _fixed_input_schema(ZooService)

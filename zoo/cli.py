@@ -361,7 +361,10 @@ def _cmd_predict(a) -> str:
 def _cmd_export(a) -> str:
     from export import export  # start-up cost: loaded when the command runs
 
-    kw = {"opset": a.opset, "with_localization": a.with_localization, "max_images": a.max_images}
+    kw = {"opset": a.opset, "with_localization": a.with_localization, "max_images": a.max_images,
+          "exporter": a.exporter}
+    if a.uint8_input:
+        kw["uint8_input"] = True  # export.export refuses it for TensorRT with the reason
     if a.format == "tensorrt":
         kw["precision"] = a.precision or "fp16"
     elif a.precision is not None:
@@ -369,6 +372,9 @@ def _cmd_export(a) -> str:
     r = export(a.name, a.format, out=a.out, **kw)
     acc, parity = r.receipt["accuracy"], r.receipt["parity"]
     print(f"files:   {r.dir}\nreceipt: {r.dir / 'export.json'}")
+    used = r.receipt.get("exporter") or {}
+    if used.get("fallback"):
+        print(f"exporter: {used.get('used')} ({used['fallback']})")
     got, ref = ({k: "n/a" if v is None else f"{v:.4f}" for k, v in acc[s].items()} for s in ("exported", "torch"))
     return (f"exported {a.name} as {a.format} to {r.path}: {acc['runtime']} test acc {got['acc']} auc {got['auc']} "
             f"(torch {ref['acc']} / {ref['auc']}), max |logit diff| {parity['max_abs_logit_diff']:.2g}, "
@@ -485,7 +491,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--format", default="onnx", metavar="FORMAT",
                    help="; ".join(f"{n}: {f.summary}" for n, f in FORMATS.items()) + " (default onnx)")
     s.add_argument("--out", metavar="DIR", help="output folder (default: <ZOO_HOME>/<name>/export/<format>/)")
-    s.add_argument("--opset", type=int, default=17, help="ONNX opset, 13-20 (default 17)")
+    s.add_argument("--opset", type=int, default=18,
+                   help="ONNX opset, 13-20 (default 18); below 18 the legacy exporter runs")
+    s.add_argument("--exporter", choices=("dynamo", "legacy"), default="dynamo",
+                   help="torch.onnx.export(..., dynamo=True) (default; falls back to legacy with the reason in the "
+                        "receipt) or the TorchScript exporter")
+    s.add_argument("--uint8-input", action="store_true",
+                   help="the graph takes uint8 images (N, H, W, C) of any size and does the entry's preprocessing "
+                        "(bundle in <format>-uint8/; ONNX formats, opset 18+)")
     s.add_argument("--with-localization", action="store_true",
                    help="add a second output: class-activation maps (CNNs) or CLS attention (ViTs)")
     s.add_argument("--precision", metavar="P", help="TensorRT engine precision: fp32 | fp16 (default) | int8")

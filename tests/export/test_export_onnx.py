@@ -1,6 +1,7 @@
 """ONNX export: every student architecture and the ViT probe export, reproduce torch in plain
 onnxruntime (in a process that cannot import the project), and carry parity and accuracy receipts;
-FP16/INT8 files run and are measured; localization outputs; gates, adapters, TensorRT, CLI errors."""
+FP16/INT8 files run and are measured; localization outputs; the dynamo exporter and its legacy
+fallback; uint8-input bundles; gates, adapters, TensorRT, CLI errors."""
 
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ import torch
 import torch.nn as nn
 from conftest import OFFLINE_ENV, TASK_FLAG, install, run_cli
 from edge_env import FORBIDDEN, edge_site
+from PIL import Image
 
 import export
 from export import onnx_export as OE
+from export import runner
 from export.graph import ExportError, merge_adapters
 from export.tensorrt import build_engine, onnx_format_for
 from zoo.api import NotBuiltError, ZooModel, load
@@ -31,6 +34,7 @@ from zoo.models import create_student
 from zoo.registry import get_entry
 
 BUNDLE = {"model.onnx", "preprocess.json", "export.json", "runner.py"}
+DYNAMO = {"requested": "dynamo", "used": "dynamo", "fallback": None}
 ORT_ONLY = f"""
 import json, sys
 site, model, x_path, out_path = sys.argv[1:]
@@ -90,6 +94,7 @@ def test_student_arch_fp32_parity_in_plain_onnxruntime(arch, tmp_path, medmnist_
     p = r.receipt["parity"]
     assert p["n"] == len(test) and p["max_abs_logit_diff"] <= 1e-4 and p["label_agreement"] == 1.0
     assert r.receipt == _receipt(r.dir) and r.receipt["opset"] == OE.DEFAULT_OPSET
+    assert r.receipt["exporter"] == DYNAMO and r.receipt["uint8_input"] is False
 
 
 @pytest.mark.parametrize("task", list(TASK_FLAG))
@@ -127,14 +132,16 @@ def test_vit_probe_fp32_parity_with_attention(built_linear_breast, tmp_path):
     assert np.allclose(attn[:4], out.attentions[-1][:, :, 0, 1:].mean(1).reshape(4, 32, 32).numpy(), atol=1e-5)
 
 
-def test_vit_with_registers_exports(tiny_registers_teacher_dir, tmp_path):
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+def test_vit_with_registers_exports(tiny_registers_teacher_dir, tmp_path, exporter):
     from zoo.backbones import ViTBackbone
     from zoo.models import LinearClassifier
 
     e = get_entry("linear-dinov2-vits14-breastmnist")
     torch.manual_seed(0)
     model = ZooModel(LinearClassifier(ViTBackbone.from_pretrained(tiny_registers_teacher_dir), 1), e).eval()
-    r = export.to_onnx(model, "onnx", out=tmp_path / "out", with_localization=True)
+    r = export.to_onnx(model, "onnx", out=tmp_path / "out", with_localization=True, exporter=exporter)
+    assert r.receipt["exporter"]["used"] == exporter
     assert r.receipt["parity"]["max_abs_logit_diff"] <= 1e-4
     assert r.receipt["outputs"] == ["logits", "attention"]
     assert r.receipt["parity"]["max_abs_attention_diff"] <= 1e-5  # register tokens skipped as in torch
@@ -263,8 +270,181 @@ def test_opset_13_and_re_export_replaces(tiny_runs, tmp_path):
     out = tmp_path / "out"
     r = export.to_onnx(tiny_runs["binary-class"], "onnx", out=out, opset=13)
     assert onnx.load(str(r.path)).opset_import[0].version == 13
+    # the dynamo exporter writes opset 18 and later: opset 13 is the legacy exporter's, and the receipt says so
+    assert r.receipt["exporter"] == {"requested": "dynamo", "used": "legacy",
+                                     "fallback": "opset 13 asked for; the dynamo exporter writes opset 18 and later"}
     r2 = export.to_onnx(tiny_runs["binary-class"], "onnx", out=out, with_localization=True)
     assert r2.receipt["outputs"] == ["logits", "cam"] and _receipt(out)["outputs"] == ["logits", "cam"]
+
+
+# ------------------------------------------------------------------------------------ exporters
+
+
+def test_legacy_exporter_is_the_tested_fallback(tiny_runs, tmp_path):
+    """``exporter="legacy"`` (TorchScript) and the default dynamo exporter: both pass the same gates, with a
+    CAM output, and their files agree with each other."""
+    d = tiny_runs["multi-class"]
+    files = {}
+    for exporter in ("dynamo", "legacy"):
+        r = export.to_onnx(d, "onnx", out=tmp_path / exporter, with_localization=True, exporter=exporter)
+        assert r.receipt["exporter"] == {"requested": exporter, "used": exporter, "fallback": None}
+        p = r.receipt["parity"]
+        assert p["max_abs_logit_diff"] <= 1e-4 and p["labels_differ"] == 0 and p["max_abs_cam_diff"] <= 1e-4
+        m = onnx.load(str(r.path))
+        assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in m.graph.initializer)
+        assert m.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+        files[exporter] = r.path
+    x = preprocess(load_split("dermamnist", "test").images[:9], load(d).entry.preprocess).numpy()
+    a, b = (OE.session(files[k]).run(None, {"input": x}) for k in ("dynamo", "legacy"))
+    assert all(np.abs(u - v).max() <= 1e-5 for u, v in zip(a, b))
+    with pytest.raises(ExportError, match="unknown exporter 'jit'; choose dynamo or legacy"):
+        export.to_onnx(d, exporter="jit")
+
+
+def test_dynamo_failure_falls_back_to_legacy(tiny_runs, tmp_path, monkeypatch):
+    def unsupported(*a, **k):
+        raise RuntimeError("unsupported operator aten::fancy_op\nmore details")
+
+    monkeypatch.setattr(OE, "_dynamo_export", unsupported)
+    r = export.to_onnx(tiny_runs["binary-class"], "onnx", out=tmp_path / "out")
+    ex = r.receipt["exporter"]
+    assert ex["requested"] == "dynamo" and ex["used"] == "legacy"
+    assert "torch.onnx.export (dynamo) failed" in ex["fallback"] and "aten::fancy_op" in ex["fallback"]
+    assert r.receipt["parity"]["max_abs_logit_diff"] <= 1e-4
+    with pytest.raises(ExportError, match=r"torch.onnx.export \(legacy\) failed|uint8 preprocessing"):
+        export.to_onnx(tiny_runs["binary-class"], "onnx", out=tmp_path / "u8", uint8_input=True)  # needs dynamo
+
+
+def test_int8_falls_back_to_legacy_when_quantisation_fails_on_the_dynamo_graph(tiny_runs, tmp_path, monkeypatch):
+    real, calls = OE.quantize_int8, []
+
+    def fails_on_dynamo(src, *a, **k):
+        calls.append(Path(src).name)
+        if "dynamo" in Path(src).name:
+            raise RuntimeError("[ShapeInferenceError] (test) cannot infer the shape of val_12")
+        return real(src, *a, **k)
+
+    monkeypatch.setattr(OE, "quantize_int8", fails_on_dynamo)
+    r = export.to_onnx(tiny_runs["binary-class"], "onnx-int8", out=tmp_path / "out", max_acc_drop=100)
+    assert calls == ["raw-dynamo.onnx", "raw-legacy.onnx"]
+    ex = r.receipt["exporter"]
+    assert ex["used"] == "legacy" and ex["fallback"].startswith("INT8 quantisation failed on the dynamo graph "
+                                                                "(RuntimeError: [ShapeInferenceError] (test)")
+    assert r.receipt["quantization"]["mode"] == "static" and r.receipt["parity_fp32"]["max_abs_logit_diff"] <= 1e-4
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in onnx.load(str(r.path)).graph.node}
+    # a dynamo graph that quantises keeps the dynamo exporter
+    monkeypatch.setattr(OE, "quantize_int8", real)
+    r = export.to_onnx(tiny_runs["binary-class"], "onnx-int8", out=tmp_path / "out2", max_acc_drop=100)
+    assert r.receipt["exporter"] == DYNAMO
+
+
+# ------------------------------------------------------------------------------------ uint8 input
+
+
+def _torch_logits(model: ZooModel, images: list[np.ndarray]) -> np.ndarray:
+    """``predict``'s path (to_batch + preprocess + net) for (H, W, C) uint8 images, one logit row each."""
+    from zoo.inference import to_batch
+
+    return np.concatenate([predict_logits(model.net, t, model.entry.preprocess).numpy()
+                           for t in to_batch(images, model.entry.in_chans)])
+
+
+def _uint8_images(flag: str, c: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Real test images at 28 px, and larger ones (the same images enlarged, and noise) that the graph resizes."""
+    test = load_split(flag, "test").images[:6].permute(0, 2, 3, 1).numpy()
+    rng = np.random.default_rng(0)
+    big = [np.array(Image.fromarray(test[0].squeeze()).resize((64, 64), Image.BILINEAR)),
+           np.array(Image.fromarray(test[1].squeeze()).resize((50, 37), Image.NEAREST)),
+           np.array(Image.fromarray(test[2].squeeze()).resize((300, 211), Image.BICUBIC)),
+           rng.integers(0, 256, (97, 128, c), dtype=np.uint8)]
+    return list(test), [b if b.ndim == 3 else b[:, :, None] for b in big]
+
+
+@pytest.mark.parametrize("task", ["binary-class", "multi-class"])  # grey (breastmnist) and RGB (dermamnist)
+def test_uint8_input_bundle_matches_predict(tiny_runs, task, tmp_path):
+    d = tiny_runs[task]
+    model = load(d)
+    e = model.entry
+    r = export.to_onnx(d, "onnx", out=tmp_path / "u8", uint8_input=True, with_localization=True)
+    g = onnx.load(str(r.path)).graph
+    dims = [x.dim_param or x.dim_value for x in g.input[0].type.tensor_type.shape.dim]
+    assert g.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert dims == ["batch", "height", "width", "channels" if e.in_chans == 3 else 1]
+    assert [o.name for o in g.output] == ["logits", "cam"]
+    spec = json.loads((r.dir / "preprocess.json").read_text())
+    assert spec["input_dtype"] == "uint8" and spec["input_layout"] == "NHWC" and spec["preprocessing"] == "in-graph"
+    assert spec["input_channels"] == ([1, 3] if e.in_chans == 3 else [1]) and spec["mean"] == list(e.preprocess.mean)
+    rec = r.receipt
+    assert rec["uint8_input"] and rec["input_dtype"] == "uint8" and rec["exporter"] == DYNAMO
+    assert rec["parity"]["max_abs_logit_diff"] <= 1e-4 and rec["parity"]["labels_differ"] == 0
+    assert rec["parity_resized"]["size"] == [71, 45] and rec["parity_resized"]["labels_differ"] == 0
+    assert rec["parity_resized"]["max_abs_logit_diff"] <= OE.RESIZE_ATOL == rec["gates"]["resize_atol"]
+
+    sess = OE.session(r.path)
+    small, big = _uint8_images(TASK_FLAG[task], e.in_chans)
+    got = np.concatenate(sess.run(None, {"input": np.stack(small)})[:1])
+    want = _torch_logits(model, small)
+    assert np.abs(got - want).max() <= 1e-4 and (got.argmax(1) == want.argmax(1)).all()
+    for im in big:  # one size per run: the graph takes any H x W
+        (logit, cam) = sess.run(None, {"input": im[None]})
+        ref = _torch_logits(model, [im])
+        assert cam.shape == (1, e.num_outputs, 28, 28)
+        assert np.abs(logit - ref).max() <= 1e-3, im.shape  # ONNX Runtime's antialiased Resize vs torch's
+        assert model.predict(im).labels == [e.labels[i] for i in runner.decide(runner.probabilities(logit, e.task),
+                                                                                 e.task)]
+    if e.in_chans == 3:  # grey images for an RGB model: replicated in the graph, as predict does
+        grey = small[0][:, :, :1]
+        assert np.abs(sess.run(None, {"input": grey[None]})[0] - _torch_logits(model, [grey])).max() <= 1e-4
+
+
+def test_uint8_probe_resizes_28_to_224_in_the_graph(built_linear_breast, tmp_path):
+    install(built_linear_breast)
+    name = "linear-dinov2-vits14-breastmnist"
+    r = export.to_onnx(name, "onnx", uint8_input=True, with_localization=True)
+    assert r.dir == Path(os.environ["ZOO_HOME"]) / name / "export" / "onnx-uint8"  # beside the float bundle
+    rec = r.receipt
+    assert rec["outputs"] == ["logits", "attention"] and rec["parity"]["labels_differ"] == 0
+    assert rec["parity"]["max_abs_logit_diff"] <= 1e-4 and rec["parity"]["max_abs_attention_diff"] <= 1e-4
+    assert rec["parity_resized"]["size"] == [561, 359] and rec["parity_resized"]["labels_differ"] == 0
+    model = load(name)
+    small, big = _uint8_images("breastmnist", 1)
+    sess = OE.session(r.path)
+    for im in small[:2] + big[:2]:
+        assert np.abs(sess.run(None, {"input": im[None]})[0] - _torch_logits(model, [im])).max() <= 1e-3
+
+
+def test_uint8_nearest_resize_is_torchs(tmp_path):
+    """Entries that upsample with ``nearest`` (the ``.224`` variants): the graph picks torch's pixels."""
+    import dataclasses
+
+    e = dataclasses.replace(get_entry("baseline-resnet18-breastmnist"), resize="nearest", input_size=56)
+    torch.manual_seed(0)
+    model = ZooModel(create_student("resnet-test", e.num_outputs, e.in_chans), e).eval()
+    r = export.to_onnx(model, "onnx", out=tmp_path / "out", uint8_input=True)
+    assert r.receipt["parity"]["max_abs_logit_diff"] <= 1e-5
+    assert r.receipt["parity_resized"]["max_abs_logit_diff"] <= 1e-5  # 28 -> 140 x 90 -> 56: no Resize weights
+    sess = OE.session(r.path)
+    for shape in [(56, 56, 1), (13, 200, 1), (97, 61, 1)]:
+        im = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+        assert np.abs(sess.run(None, {"input": im[None]})[0] - _torch_logits(model, [im])).max() <= 1e-5
+
+
+def test_uint8_fp16_and_int8_bundles(tiny_runs, tmp_path):
+    d = tiny_runs["binary-class"]
+    x = load_split("breastmnist", "test").images[:4].permute(0, 2, 3, 1).numpy()
+    for fmt in ("onnx-fp16", "onnx-int8"):
+        r = export.to_onnx(d, fmt, out=tmp_path / fmt, uint8_input=True, max_acc_drop=100)
+        rec = r.receipt
+        assert rec["uint8_input"] and rec["parity_fp32"]["max_abs_logit_diff"] <= 1e-4
+        assert rec["accuracy"]["runtime"] == "onnxruntime" and "parity_resized" in rec
+        ops = {n.op_type for n in onnx.load(str(r.path)).graph.node}
+        assert "Resize" in ops and ("QuantizeLinear" in ops if fmt == "onnx-int8" else True)
+        (logits,) = OE.session(r.path).run(None, {"input": x})
+        assert logits.shape == (4, 1) and logits.dtype == np.float32
+    with pytest.raises(ExportError, match="uint8 input needs opset 18 or later"):
+        export.to_onnx(d, "onnx", out=tmp_path / "o17", uint8_input=True, opset=17)
+    with pytest.raises(ExportError, match="--uint8-input applies to the ONNX formats"):
+        export.export(d, "tensorrt", uint8_input=True)
 
 
 # ------------------------------------------------------------------------------------ adapters

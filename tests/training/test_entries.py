@@ -77,3 +77,22 @@ def test_what_loads_is_what_the_registry_says(tiny_teacher_dir):
         assert d.name == name
     lineage = zoo.load("medalmighty-resnet18-breastmnist").info["lineage"]
     assert lineage["teacher_backbone"] == str(tiny_teacher_dir) and lineage["teacher_input_size"] == 224
+
+
+def test_the_finetuned_teacher_chain_builds_by_name():
+    """dinomx-* (pretrained) -> finetune-* (that backbone trained with labels) -> the .ft-28 student."""
+    backbone, ft, student = ("dinomx-vit-mini-p4-breastmnist", "finetune-vit-mini-p4-breastmnist",
+                             "medalmighty-resnet18-breastmnist.ft-28")
+    zoo.build(backbone, ["head.out_dim=64", "head.hidden_dim=32", "head.bottleneck_dim=16", "optim.batch_size=8",
+                         "optim.steps=2", "crops.local_number=1", "log.progress=false", "eval.linear=false",
+                         "data.download=false"], progress=False)
+    with pytest.raises(FileNotFoundError, match=f"build it with `zoo build {ft}`"):
+        zoo.build(student, TINY, progress=False)  # its teacher is not built yet: the error names the command
+    zoo.build(ft, [*TINY, "probe.epochs=2", "train.min_steps=0"], progress=False)
+    m = zoo.load(ft)
+    assert m.entry == get_entry(ft) and m.info["lineage"]["teacher_backbone"] == backbone
+    assert m.info["config"]["train"]["optimizer"] == "adamw"  # the entry's recipe: medalmighty/finetune.yaml
+    d = zoo.build(student, TINY, progress=False)
+    lineage = zoo.load(student).info["lineage"]
+    assert lineage["teacher_backbone"] == ft and lineage["teacher_input_size"] == 28
+    assert "fine-tuned" in (d / "README.md").read_text() or ft in (d / "README.md").read_text()
