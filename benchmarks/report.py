@@ -63,7 +63,14 @@ def _md(name: str, intro: str, command: str = "") -> list[str]:
 
 
 def render() -> str:
-    parts = [baseline_table(), _distill(), _export(),
+    parts = [baseline_table(),
+             _md("medalmighty_table2", "MedAlmighty Table 2 on our data: students, teachers and distilled students "
+                 "over 3 seeds", "benchmarks/medalmighty_table2.py report"),
+             _md("medalmighty_table4", "MedAlmighty Table 4 on our data: the (t, a) grid",
+                 "benchmarks/medalmighty_table2.py report"),
+             _md("medalmighty_table3", "MedAlmighty Table 3 on our models: parameters, FLOPs, file size per export "
+                 "format"),
+             _distill(), _export(),
              _md("dinomx_knn", "DINO-MX features against random init and a published ImageNet DINO ViT-B/16"),
              _md("dinomx_strategies", "Full fine-tuning, LoRA and freezing of the same backbone"),
              _md("dinomx_vs_lightly", "A DINO-MX training step next to lightly's DINO"),
