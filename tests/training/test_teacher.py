@@ -164,6 +164,6 @@ def test_teacher_from_built_linear_entry(built_linear_breast, tiny_teacher_dir):
 
 def test_teacher_must_be_a_linear_entry(built_resnet18_breast):
     install(built_resnet18_breast)
-    # The message now also names the dinomx-* entries, which were accepted as teachers before too.
-    with pytest.raises(ValueError, match="a teacher must be a linear-\\* or dinomx-\\* entry"):
+    # The message names every kind of entry that can teach (fine-tuned teachers joined in issue 13).
+    with pytest.raises(ValueError, match="a teacher must be a linear-\\*, finetune-\\* or dinomx-\\* entry"):
         T.load_teacher(_cfg("baseline-resnet18-breastmnist"))
