@@ -1,30 +1,46 @@
-"""Label-guided crops (DINO-LG) on a synthetic localisation task: does the CLS attention point at the lesion?
+"""Label-guided crops (DINO-LG) on a synthetic localisation task, measured as a paired experiment.
 
 Data: synthetic grey images (``--size`` px, default 28) of tissue-like texture (smooth noise at two
 scales, a random brightness gradient) with distractors (2-4 small sharp dots and, in 70% of images,
 a thin vessel-like curve, all bright or dark with the same contrast range as the lesion) and one
 lesion-like object per image: an irregular ellipse (random size, orientation and position, a wobbly
 boundary, soft edge, speckled inside), bright or dark. Its box (x0, y0, x1, y1, half-open pixels) is
-the bounding box of the object's half-intensity mask. Training and held-out images are drawn with
-different seeds.
+the bounding box of the object's half-intensity mask. Training, validation and test images are
+drawn with different seeds.
 
-Runs, per seed: one random-init ViT (``--width/--depth/--heads/--patch``, saved as a transformers
-directory) is evaluated as it is; then, for each config in ``--presets`` (default ``dinov2``: DINO +
-iBOT + KoLeo with Sinkhorn-Knopp targets, and ``dino``: the DINO loss with centering alone), it is
-pretrained twice with the same config, seed, steps, batch and images: ``crops.label_guided=0`` and
-``crops.label_guided=--guided`` (the boxes passed as ``PretrainData`` regions, so that share of
-local crops contains the lesion). Everything else is the same budget.
+Design, per seed (``--seeds``, 10 by default):
 
-Metric: on the held-out images, the last layer's CLS -> patch attention averaged over heads
-(``zoo.maps.cls_attention``) of the saved teacher backbone (loaded with ``zoo.api.load_backbone``);
-a hit when its peak cell's centre lies in the box (``zoo.maps.pointing_hit``, the pointing game).
-References: the chance rate (mean box area / image area, and the share of patch-cell centres inside
-the box, which is the exact hit rate of a uniformly random peak) and a contrast baseline that points
-at the cell whose pixels differ most from the image median (how salient the lesion is without any
-learning).
+1. A random-init ViT (``--width/--depth/--heads/--patch``, saved as a transformers directory) is
+   evaluated as it is (the *random init* reference).
+2. One **shared unguided warm-up**: the first ``--warmup-steps`` of a ``--steps``-step DINO-MX run
+   (``--preset``) without label-guided crops, checkpointed.
+3. Two **arms branch from that checkpoint** (:meth:`training.dinomx.recipe.Pretraining.branch`:
+   student, teacher, heads, optimizer state, centers and schedule position are the warm-up's) and
+   train to ``--steps``: ``crops.label_guided=0`` and ``crops.label_guided=--guided``. Their random
+   draws are the same (:mod:`training.dinomx.crops` draws every number whatever the share is), so
+   the arms see the same batches, global crops and unguided local crops: the only difference is that
+   a share of local crops is placed over the lesion.
+4. **Gate**: each run's collapse monitor (:mod:`training.dinomx.monitor`) must say the objective is
+   alive at the end (warm-up and both arms); otherwise the seed reports *no conclusion*, not a number.
 
-    python -m benchmarks.dinomx_pointing           # 2 presets x 2 seeds x 2 runs of 400 steps (~20 min on 2 busy cores)
-    python -m benchmarks.dinomx_pointing --presets dino --seeds 0 1 2 --steps 300 --train 2000 --test 500
+Metrics on the held-out test images, from the saved model (the EMA teacher's backbone), last layer's
+CLS -> patch attention (``zoo.maps.cls_attention``):
+
+- **pointing (mean map)**: the head-averaged map's peak cell centre lies in the box (the pointing
+  game, ``zoo.maps.pointing_hit``);
+- **pointing (best head)**: the same for the single head with the best pointing on the *validation*
+  images (chosen there, reported on test);
+- **box IoU**: the head-averaged map upsampled to the image, min-max normalised, thresholded at 0.5
+  around its peak (``zoo.maps.top_box``), IoU of that box with the lesion's box.
+
+References: chance (mean box area / image area, and the share of patch-cell centres inside the box,
+the exact hit rate of a uniformly random peak), the random init, and a contrast baseline that
+points at the cell whose pixels differ most from the image median (how salient the lesion is without
+any learning). The effect is the per-seed paired difference (with - without) over the live seeds:
+mean, a 95% t interval and a 95% bootstrap interval (percentile, 10,000 resamples).
+
+    python -m benchmarks.dinomx_pointing                      # 10 seeds x (warm-up + 2 arms)
+    python -m benchmarks.dinomx_pointing --seeds 0 1 2 --steps 200 --warmup-steps 100
 
 Writes ``benchmarks/results/dinomx_pointing.{json,md}``. Whatever the difference is, it is reported as measured.
 """
@@ -32,6 +48,8 @@ Writes ``benchmarks/results/dinomx_pointing.{json,md}``. Whatever the difference
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
 import os
 import platform
@@ -111,7 +129,7 @@ def synthetic(n: int, size: int = 28, seed: int = 0) -> tuple[torch.Tensor, torc
 
 
 def random_backbone(path: Path, size: int, width: int, depth: int, heads: int, patch: int, seed: int) -> Path:
-    """A random-init 1-channel Dinov2 saved as a transformers directory (the 'pretrained' start of both runs)."""
+    """A random-init 1-channel Dinov2 saved as a transformers directory (the start of every run of a seed)."""
     from transformers import Dinov2Config, Dinov2Model
 
     from zoo.backbones import save_backbone
@@ -123,44 +141,82 @@ def random_backbone(path: Path, size: int, width: int, depth: int, heads: int, p
     return save_backbone(model, path, mean=(0.5,), std=(0.5,), image_size=size)
 
 
-def pretrain(init: Path, images: torch.Tensor, boxes: torch.Tensor, preset: str, guided: float, seed: int,
-             a: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """One DINO-MX run from ``init``; returns where its backbone is and what the run reported."""
+def run_config(init: Path, guided: float, seed: int, a: argparse.Namespace) -> dict[str, Any]:
+    """The resolved DINO-MX config of one run; the arms differ only in ``crops.label_guided``."""
     from training.config import load_config
-    from training.dinomx.data import PretrainData
-    from training.dinomx.recipe import run
 
     local = max(a.patch, round(12 * a.size / 28 / a.patch) * a.patch)  # 12 px at 28 px, a whole number of patches
-    cfg = load_config(f"dinomx/{preset}.yaml", [
+    head = [f"head.out_dim={a.out_dim}"] * (a.out_dim is not None) + [f"head.hidden_dim={a.hidden_dim}"] * (
+        a.hidden_dim is not None)
+    return load_config(f"dinomx/{a.preset}.yaml", [
         f"model.backbone={init}", f"seed={seed}", f"optim.steps={a.steps}", f"optim.batch_size={a.batch}",
-        f"crops.global_size={a.size}", f"crops.local_size={local}", f"crops.label_guided={guided}",
-        f"head.out_dim={a.out_dim}", f"head.hidden_dim={a.hidden_dim}", "checkpoint.every=0",
-        "checkpoint.resume=false", "log.progress=false", f"log.every={max(1, a.steps // 10)}", *a.overrides])
-    out = work / f"run-{preset}-seed{seed}-lg{guided:g}"
-    m = run(cfg, out, out / "ckpt", progress=False, data=PretrainData(images, boxes))
-    if m is None:
-        raise RuntimeError(f"pretraining run {out} did not finish")
-    hist = m["history"]
-    keys = ("loss", "dino", "ibot", "koleo")
-    return {"backbone": out / "backbone", "train_seconds": m["report"]["train_seconds"],
-            "losses_first_logged": {k: hist[0][k] for k in keys if hist and k in hist[0]},
-            "losses_last_logged": {k: hist[-1][k] for k in keys if hist and k in hist[-1]},
-            "config": {k: cfg[k] for k in ("method", "crops", "optim", "head", "dino", "ibot", "koleo")}}
+        f"crops.global_size={a.size}", f"crops.local_size={local}", f"crops.label_guided={guided}", *head,
+        "checkpoint.every=0", "checkpoint.resume=false", "log.progress=false", f"log.every={max(1, a.steps // 20)}",
+        *a.overrides])
+
+
+def live(pt) -> dict[str, Any]:
+    """The gate: the run's collapse-monitor verdict (``alive`` is what a run must be to count)."""
+    c = pt.collapse()
+    return {"alive": not c["collapsed"], "verdict": c["verdict"], "final": c["final"], "ln_k": c["ln_k"]}
+
+
+def run_seed(seed: int, data, val, test, a: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Random init, shared warm-up, and the two arms of one seed (see the module doc)."""
+    from training.dinomx.recipe import Pretraining
+    from zoo.backbones import ViTBackbone
+
+    init = random_backbone(work / f"init-seed{seed}", a.size, a.width, a.depth, a.heads, a.patch, seed)
+    prep = None
+    row: dict[str, Any] = {"seed": seed}
+    bb = ViTBackbone.from_pretrained(init, "cls")
+    row["random_init"] = localisation(bb, _prep(init), val, test, a.size)
+    t0 = time.perf_counter()
+    warm = Pretraining(run_config(init, 0.0, seed, a), data)
+    warm.fit(None, progress=False, stop_after=a.warmup_steps)
+    ckpt = work / f"warmup-seed{seed}"
+    warm.save_checkpoint(ckpt)
+    prep = warm.task.prep
+    row["warmup"] = {**localisation(warm.task.saved_model().encoder, prep, val, test, a.size), **live(warm),
+                     "steps": a.warmup_steps, "train_seconds": round(time.perf_counter() - t0, 1)}
+    del warm
+    for name, share in (("without", 0.0), ("with", a.guided)):
+        t0 = time.perf_counter()
+        pt = Pretraining(run_config(init, share, seed, a), data)
+        pt.branch(ckpt / "last.pt", {"crops.label_guided": 0.0})
+        pt.fit(None, progress=False)
+        row[name] = {**localisation(pt.task.saved_model().encoder, prep, val, test, a.size), **live(pt),
+                     "train_seconds": round(time.perf_counter() - t0, 1)}
+        del pt
+    row["alive"] = all(row[k]["alive"] for k in ("warmup", "without", "with"))
+    w, g = row["without"].pop("hits"), row["with"].pop("hits")
+    for k in ("random_init", "warmup"):
+        row[k].pop("hits")
+    row["only_with"], row["only_without"] = int((g & ~w).sum()), int((w & ~g).sum())
+    row["difference"] = {m: round(row["with"][m] - row["without"][m], 4) for m in METRICS} if row["alive"] else None
+    return row
+
+
+def _prep(backbone_dir: Path):
+    from zoo.api import load_backbone
+
+    return load_backbone(backbone_dir)[1]
 
 
 # ------------------------------------------------------------------------------------------ metrics
 
+METRICS = ("pointing", "pointing_best_head", "box_iou")
 
-def attention_maps(backbone_dir: Path, images: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    """Head-averaged last-layer CLS -> patch attention (N, g, g) of a saved backbone, in its own preprocessing."""
-    from zoo.api import load_backbone
+
+@torch.no_grad()
+def head_maps(bb, prep, images: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """Last-layer CLS -> patch attention per head (N, heads, g, g), in the backbone's preprocessing."""
     from zoo.data import preprocess
     from zoo.maps import cls_attention
 
-    bb, prep = load_backbone(backbone_dir)
-    maps = [cls_attention(bb, preprocess(images[i:i + chunk], prep), layer=-1).mean(dim=1)
-            for i in range(0, len(images), chunk)]
-    return torch.cat(maps)
+    bb.eval()
+    return torch.cat([cls_attention(bb, preprocess(images[i:i + chunk], prep), layer=-1).float()
+                      for i in range(0, len(images), chunk)])
 
 
 def hits(maps: torch.Tensor, boxes: torch.Tensor, size: int) -> np.ndarray:
@@ -168,6 +224,37 @@ def hits(maps: torch.Tensor, boxes: torch.Tensor, size: int) -> np.ndarray:
     from zoo.maps import pointing_hit
 
     return np.array([pointing_hit(m, b.tolist(), size) for m, b in zip(maps, boxes)], dtype=bool)
+
+
+def box_iou(maps: torch.Tensor, boxes: torch.Tensor, size: int, threshold: float = 0.5) -> np.ndarray:
+    """(N,) IoU of the box thresholded from each map (upsampled, min-max normalised) with the true box."""
+    from zoo.maps import normalise, to_input_size, top_box
+
+    out = np.empty(len(maps))
+    for i, (m, b) in enumerate(zip(maps, boxes)):
+        p = top_box(normalise(to_input_size(m.numpy(), size)), threshold)
+        x0, y0, x1, y1 = (float(v) for v in b)
+        iw = max(0.0, min(p.x1, x1) - max(p.x0, x0))
+        ih = max(0.0, min(p.y1, y1) - max(p.y0, y0))
+        inter = iw * ih
+        union = (p.x1 - p.x0) * (p.y1 - p.y0) + (x1 - x0) * (y1 - y0) - inter
+        out[i] = inter / union if union > 0 else 0.0
+    return out
+
+
+def localisation(bb, prep, val: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
+                 size: int) -> dict[str, Any]:
+    """The three metrics of one backbone (the best head chosen on ``val``, every figure on ``test``)."""
+    per_val = head_maps(bb, prep, val[0])
+    per_test = head_maps(bb, prep, test[0])
+    head_scores = [float(hits(per_val[:, h], val[1], size).mean()) for h in range(per_val.shape[1])]
+    best = int(np.argmax(head_scores))
+    mean = per_test.mean(dim=1)
+    h = hits(mean, test[1], size)
+    return {"pointing": round(float(h.mean()), 4),
+            "pointing_best_head": round(float(hits(per_test[:, best], test[1], size).mean()), 4),
+            "best_head": best, "val_pointing_per_head": [round(v, 4) for v in head_scores],
+            "box_iou": round(float(box_iou(mean, test[1], size).mean()), 4), "hits": h}
 
 
 def contrast_maps(images: torch.Tensor, grid: int) -> torch.Tensor:
@@ -187,80 +274,127 @@ def chance(boxes: torch.Tensor, size: int, grid: int) -> dict[str, float]:
     return {"box_area_share": round(float(area.mean()), 4), "cell_centre_share": round(float(cells.mean()), 4)}
 
 
+def paired(d: list[float], level: float = 0.95, resamples: int = 10_000, seed: int = 0) -> dict[str, Any]:
+    """Mean of per-seed paired differences with a t interval and a percentile bootstrap interval."""
+    from scipy import stats
+
+    n = len(d)
+    if n == 0:
+        return {"n": 0}
+    x = np.asarray(d, dtype=np.float64)
+    out: dict[str, Any] = {"n": n, "mean": round(float(x.mean()), 4), "positive": int((x > 0).sum()),
+                           "negative": int((x < 0).sum()), "zero": int((x == 0).sum())}
+    if n < 2:
+        return out
+    sd = float(x.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
+    boots = np.random.default_rng(seed).choice(x, size=(resamples, n), replace=True).mean(axis=1)
+    lo, hi = np.quantile(boots, [(1 - level) / 2, (1 + level) / 2])
+    p = float(stats.ttest_1samp(x, 0.0).pvalue) if sd > 0 else (1.0 if x.mean() == 0 else 0.0)
+    out.update(std=round(sd, 4), t_ci=[round(x.mean() - half, 4), round(x.mean() + half, 4)],
+               bootstrap_ci=[round(float(lo), 4), round(float(hi), 4)], t_test_p=round(p, 4), level=level)
+    return out
+
+
 def _summary(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
     return {"mean": round(statistics.fmean(values), 4),
             "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
-            "min": round(min(values), 4), "max": round(max(values), 4)}
+            "min": round(min(values), 4), "max": round(max(values), 4), "n": len(values)}
+
+
+def conclusion(effects: dict[str, dict[str, Any]], n_seeds: int, guided: float) -> str:
+    """One or two sentences on what the live seeds show (or that there is no conclusion)."""
+    e = effects["pointing"]
+    n = e.get("n", 0)
+    if n < 2:
+        return (f"No conclusion: {n} of {n_seeds} seeds had a live objective in the warm-up and both arms "
+                "(the others collapsed), too few for a paired interval.")
+    parts = []
+    for m, label in (("pointing", "pointing accuracy (mean map)"), ("pointing_best_head", "best-head pointing"),
+                     ("box_iou", "box IoU")):
+        x = effects[m]
+        lo, hi = x["t_ci"]
+        verdict = "raise" if lo > 0 else "lower" if hi < 0 else "do not detectably change"
+        parts.append(f"{verdict} {label} ({x['mean']:+.3f}, 95% CI {lo:+.3f} to {hi:+.3f})")
+    return (f"Over {n} live seeds of {n_seeds}, label-guided crops ({guided:g} of the local crops) "
+            + "; ".join(parts) + ", against unguided crops from the same warm-up checkpoint.")
 
 
 # ------------------------------------------------------------------------------------------ main
 
 
+def _setting_key(a: argparse.Namespace) -> str:
+    """A short hash of every setting but the seed list and output: seeds of the same setting are reused."""
+    setting = {k: v for k, v in sorted(vars(a).items()) if k not in ("seeds", "out", "threads")}
+    return hashlib.sha256(json.dumps(setting, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def run_benchmark(a: argparse.Namespace) -> dict[str, Any]:
+    from training.dinomx.data import PretrainData
+
     t_start = time.perf_counter()
     grid = a.size // a.patch
     train_x, train_b = synthetic(a.train, a.size, seed=10_000 + a.data_seed)
-    test_x, test_b = synthetic(a.test, a.size, seed=20_000 + a.data_seed)
-    contrast = hits(contrast_maps(test_x, grid), test_b, a.size)
-    random_init: dict[int, float] = {}
-    rows: dict[str, list[dict[str, Any]]] = {p: [] for p in a.presets}
-    configs: dict[str, dict[str, Any]] = {}
+    val = synthetic(a.val, a.size, seed=30_000 + a.data_seed)
+    test = synthetic(a.test, a.size, seed=20_000 + a.data_seed)
+    data = PretrainData(train_x, train_b)
+    cm_test = contrast_maps(test[0], grid)
+    contrast = {"pointing": round(float(hits(cm_test, test[1], a.size).mean()), 4),
+                "box_iou": round(float(box_iou(cm_test, test[1], a.size).mean()), 4)}
+    rows = []
+    done = Path(a.out).with_name(Path(a.out).name + "_seeds")  # one file per finished seed: a rerun resumes
     with tempfile.TemporaryDirectory(prefix="dinomx-pointing-") as tmp:
-        work = Path(tmp)
         for seed in a.seeds:
-            init = random_backbone(work / f"init-seed{seed}", a.size, a.width, a.depth, a.heads, a.patch, seed)
-            random_init[seed] = float(hits(attention_maps(init, test_x), test_b, a.size).mean())
-            print(f"seed {seed}: pointing accuracy of the random init {random_init[seed]:.3f}", flush=True)
-            for preset in a.presets:
-                row: dict[str, Any] = {"seed": seed, "random_init": random_init[seed]}
-                runs = {}
-                for name, share in (("without", 0.0), ("with", a.guided)):
-                    r = pretrain(init, train_x, train_b, preset, share, seed, a, work)
-                    runs[name] = hits(attention_maps(r["backbone"], test_x), test_b, a.size)
-                    row[name] = float(runs[name].mean())
-                    row[f"{name}_train_seconds"] = r["train_seconds"]
-                    row[f"{name}_losses"] = {"first_logged": r["losses_first_logged"],
-                                             "last": r["losses_last_logged"]}
-                    if share == 0.0:
-                        configs[preset] = r["config"]  # the guided run's differs only in crops.label_guided
-                # Paired on the same test images: hit with label-guided crops only, and without only.
-                row["only_with"] = int((runs["with"] & ~runs["without"]).sum())
-                row["only_without"] = int((runs["without"] & ~runs["with"]).sum())
-                row["difference"] = round(row["with"] - row["without"], 4)
-                rows[preset].append(row)
-                print(f"seed {seed}, {preset}: pointing accuracy without label-guided crops {row['without']:.3f}, "
-                      f"with ({a.guided:g}) {row['with']:.3f} (hit only with: {row['only_with']}, only without: "
-                      f"{row['only_without']})", flush=True)
+            cached = done / f"{_setting_key(a)}-seed{seed}.json"
+            if cached.is_file():
+                r = json.loads(cached.read_text())
+            else:
+                r = run_seed(seed, data, val, test, a, Path(tmp))
+                store.write_json_atomic(cached, r)
+            rows.append(r)
+            d = r["difference"]
+            print(f"seed {seed}: random init {r['random_init']['pointing']:.3f}, "
+                  f"warm-up {r['warmup']['pointing']:.3f}, "
+                  f"without {r['without']['pointing']:.3f}, with {r['with']['pointing']:.3f}; "
+                  + (f"difference {d['pointing']:+.3f}" if d else "no conclusion (a run collapsed: "
+                     + "; ".join(f"{k} {r[k]['verdict']}" for k in ("warmup", "without", "with")
+                                 if not r[k]["alive"]) + ")")
+                  + f" [{time.perf_counter() - t_start:.0f} s]", flush=True)
+    live_rows = [r for r in rows if r["alive"]]
+    effects = {m: paired([r["difference"][m] for r in live_rows]) for m in METRICS}
+    cfg = run_config(Path("<init>"), 0.0, a.seeds[0], a)
     import transformers
 
-    presets = {}
-    for preset, per_seed in rows.items():
-        c = configs[preset]
-        presets[preset] = {
-            "pretraining": {"method": c["method"], "crops": c["crops"], "head": c["head"],
-                            "loss_weights": {k: c[k]["loss_weight"] for k in ("dino", "ibot", "koleo")},
-                            "dino_centering": c["dino"]["centering"],
-                            # The DINO loss of a student that predicts nothing about the teacher's targets.
-                            "log_prototypes": round(math.log(int(c["head"]["out_dim"])), 4)},
-            "seeds": per_seed,
-            "summary": {k: _summary([r[k] for r in per_seed]) for k in ("without", "with", "difference")},
-            "paired_totals": {"only_with": sum(r["only_with"] for r in per_seed),
-                              "only_without": sum(r["only_without"] for r in per_seed),
-                              "test_images_x_seeds": a.test * len(per_seed)},
-        }
     return {
-        "task": {"image_size": a.size, "train_images": a.train, "test_images": a.test, "data_seed": a.data_seed,
-                 "patch_grid": [grid, grid]},
+        "task": {"image_size": a.size, "train_images": a.train, "val_images": a.val, "test_images": a.test,
+                 "data_seed": a.data_seed, "patch_grid": [grid, grid]},
         "backbone": {"type": "dinov2 (random init)", "width": a.width, "depth": a.depth, "heads": a.heads,
                      "patch": a.patch, "in_chans": 1},
-        "budget": {"steps": a.steps, "batch": a.batch, "seeds": a.seeds, "label_guided_share": a.guided,
-                   "only_difference": {"crops.label_guided": [0.0, a.guided]}, "overrides": a.overrides},
-        "metric": "pointing game: peak cell centre of the head-averaged last-layer CLS attention inside the box",
-        "chance": chance(test_b, a.size, grid),
-        "contrast_baseline": round(float(contrast.mean()), 4),
-        "random_init": {"per_seed": {str(k): v for k, v in random_init.items()},
-                        "summary": _summary(list(random_init.values()))},
-        "presets": presets,
+        "pretraining": {"preset": a.preset, "method": cfg["method"], "crops": cfg["crops"], "head": cfg["head"],
+                        "optim": cfg["optim"], "dino": cfg["dino"],
+                        "loss_weights": {k: cfg[k]["loss_weight"] for k in ("dino", "ibot", "koleo")},
+                        "ln_k": round(math.log(int(cfg["head"]["out_dim"])), 4)},
+        "budget": {"steps": a.steps, "warmup_steps": a.warmup_steps, "batch": a.batch, "seeds": a.seeds,
+                   "label_guided_share": a.guided, "only_difference": {"crops.label_guided": [0.0, a.guided]},
+                   "overrides": a.overrides},
+        "metrics": {"pointing": "peak cell centre of the head-averaged last-layer CLS attention inside the box",
+                    "pointing_best_head": "the same for the head with the best validation pointing",
+                    "box_iou": "IoU of the box of the normalised map thresholded at 0.5 around its peak"},
+        "chance": chance(test[1], a.size, grid),
+        "contrast_baseline": contrast,
+        "summary": {k: {m: _summary([r[k][m] for r in rows]) for m in METRICS}
+                    for k in ("random_init", "warmup", "without", "with")},
+        "summary_live": {k: {m: _summary([r[k][m] for r in live_rows]) for m in METRICS}
+                         for k in ("random_init", "warmup", "without", "with")},
+        "live_seeds": [r["seed"] for r in live_rows],
+        "effect": effects,
+        "paired_totals": {"only_with": sum(r["only_with"] for r in live_rows),
+                          "only_without": sum(r["only_without"] for r in live_rows),
+                          "test_images_x_seeds": a.test * len(live_rows)},
+        "conclusion": conclusion(effects, len(rows), a.guided),
+        "seeds": rows,
         "wall_s": round(time.perf_counter() - t_start, 1),
         "host": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                  "loadavg_1min_end": round(os.getloadavg()[0], 2), "machine": platform.machine(),
@@ -270,50 +404,58 @@ def run_benchmark(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def markdown(r: dict[str, Any]) -> str:
-    t, bb, b = r["task"], r["backbone"], r["budget"]
+    t, bb, b, p = r["task"], r["backbone"], r["budget"], r["pretraining"]
+    n_live = len(r["live_seeds"])
     lines = [f"Synthetic localisation: {t['image_size']} px grey tissue-like images with distractors and one "
-             f"lesion-like object; {t['train_images']} training and {t['test_images']} held-out images. Backbone: "
-             f"random-init Dinov2 (width {bb['width']}, {bb['depth']} blocks, {bb['heads']} heads, patch "
-             f"{bb['patch']}: {t['patch_grid'][0]}x{t['patch_grid'][1]} cells). Each pretraining: {b['steps']} steps "
-             f"of batch {b['batch']} from the same init; with and without label-guided crops share the seed and "
-             f"config except `crops.label_guided` (0 vs {b['label_guided_share']:g}). Seeds: {b['seeds']}.", "",
-             f"Metric: {r['metric']}. Mean over seeds (std, min-max).", "",
-             "| | pointing accuracy | std | min-max | hit only with / only without (all seeds) |",
-             "|---|---|---|---|---|"]
+             f"lesion-like object; {t['train_images']} training, {t['val_images']} validation (best-head choice) and "
+             f"{t['test_images']} test images. Backbone: random-init Dinov2 (width {bb['width']}, {bb['depth']} "
+             f"blocks, {bb['heads']} heads, patch {bb['patch']}: {t['patch_grid'][0]}x{t['patch_grid'][1]} cells), "
+             f"`{p['preset']}` preset with {p['head']['out_dim']} prototypes. Per seed: a shared unguided warm-up of "
+             f"{b['warmup_steps']} steps (batch {b['batch']}), then two arms branched from its checkpoint to step "
+             f"{b['steps']}, without and with label-guided crops ({b['label_guided_share']:g} of the local crops); "
+             f"the arms draw the same random numbers. A seed counts only when the collapse monitor finds the "
+             f"objective alive in the warm-up and both arms: {n_live} of {len(b['seeds'])} seeds.", "",
+             "| | pointing (mean map) | pointing (best head) | box IoU |", "|---|---|---|---|"]
 
-    def cells(v: dict[str, float]) -> str:
-        return f"{v['mean']:.3f} | {v['std']:.3f} | {v['min']:.3f}-{v['max']:.3f}"
+    def cell(v: dict[str, float]) -> str:
+        return f"{v['mean']:.3f} ± {v['std']:.3f}" if v else "—"
 
-    lines.append(f"| random init (no pretraining) | {cells(r['random_init']['summary'])} | |")
-    for preset, x in r["presets"].items():
-        s, pt = x["summary"], x["paired_totals"]
-        lines += [f"| `{preset}`: no label-guided crops | {cells(s['without'])} | |",
-                  f"| `{preset}`: label-guided crops {b['label_guided_share']:g} | {cells(s['with'])} | |",
-                  f"| `{preset}`: with - without (paired by seed) | {cells(s['difference'])} | "
-                  f"{pt['only_with']} / {pt['only_without']} of {pt['test_images_x_seeds']} |"]
-    c = r["chance"]
-    lines += [f"| chance: box area / image area | {c['box_area_share']:.3f} | | | |",
-              f"| chance: share of cell centres in the box | {c['cell_centre_share']:.3f} | | | |",
-              f"| contrast baseline (no learning) | {r['contrast_baseline']:.3f} | | | |", "",
-              "| preset | seed | random init | without | with | hit only with / only without "
-              "| train s (without / with) | last DINO loss (without / with) |",
-              "|---|---|---|---|---|---|---|---|"]
-    notes = []
-    for preset, x in r["presets"].items():
-        for row in x["seeds"]:
-            d0, d1 = (row[f"{k}_losses"]["last"].get("dino", float("nan")) for k in ("without", "with"))
-            lines.append(f"| `{preset}` | {row['seed']} | {row['random_init']:.3f} | {row['without']:.3f} | "
-                         f"{row['with']:.3f} | {row['only_with']} / {row['only_without']} | "
-                         f"{row['without_train_seconds']:.0f} / {row['with_train_seconds']:.0f} | "
-                         f"{d0:.3f} / {d1:.3f} |")
-        p = x["pretraining"]
-        last = [row[f"{k}_losses"]["last"].get("dino") for row in x["seeds"] for k in ("without", "with")]
-        flat = sum(v is not None and abs(v - p["log_prototypes"]) < 0.05 for v in last)
-        notes.append(f"`{preset}`: loss weights {p['loss_weights']}, `{p['dino_centering']}` teacher targets; "
-                     f"{flat} of {len(last)} runs ended with a DINO loss within 0.05 of ln(prototypes) = "
-                     f"{p['log_prototypes']:.3f}, the loss of a CLS head that does not predict the teacher's targets.")
-    lines += ["", *notes, "", "'Hit only with / only without' count held-out images where just one of the two runs "
-              "(same seed) hits: the paired view of the difference."]
+    names = {"random_init": "random init (no pretraining)", "warmup": f"shared warm-up ({b['warmup_steps']} steps)",
+             "without": "without label-guided crops", "with": f"with label-guided crops {b['label_guided_share']:g}"}
+    for k, label in names.items():
+        s = r["summary_live"][k] if n_live else r["summary"][k]
+        lines.append(f"| {label} | " + " | ".join(cell(s[m]) for m in METRICS) + " |")
+
+    def effect(m: str) -> str:
+        e = r["effect"][m]
+        if e.get("n", 0) < 2:
+            return "no conclusion"
+        return (f"**{e['mean']:+.3f}** (t {e['t_ci'][0]:+.3f} to {e['t_ci'][1]:+.3f}; bootstrap "
+                f"{e['bootstrap_ci'][0]:+.3f} to {e['bootstrap_ci'][1]:+.3f}; {e['positive']}+ / {e['negative']}-)")
+
+    c, cb = r["chance"], r["contrast_baseline"]
+    lines += ["| with - without, paired by seed, 95% CI | " + " | ".join(effect(m) for m in METRICS) + " |",
+              f"| contrast baseline (no learning) | {cb['pointing']:.3f} | | {cb['box_iou']:.3f} |",
+              f"| chance: box area / image; cell centres in box | {c['box_area_share']:.3f}; "
+              f"{c['cell_centre_share']:.3f} | | |", "",
+              f"Means ± std over the {'live ' if n_live else ''}seeds. {r['conclusion']}", "",
+              "| seed | live | random init | warm-up | without | with | with - without | best head (without / with) "
+              "| IoU (without / with) | final DINO loss (without / with), ln K = " + f"{p['ln_k']:.2f} |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in r["seeds"]:
+        w, g = row["without"], row["with"]
+        d = row["difference"]
+        lines.append(
+            f"| {row['seed']} | {'yes' if row['alive'] else 'no'} | {row['random_init']['pointing']:.3f} | "
+            f"{row['warmup']['pointing']:.3f} | {w['pointing']:.3f} | {g['pointing']:.3f} | "
+            f"{(format(d['pointing'], '+.3f') if d else 'no conclusion')} | "
+            f"{w['pointing_best_head']:.3f} / {g['pointing_best_head']:.3f} | "
+            f"{w['box_iou']:.3f} / {g['box_iou']:.3f} | "
+            f"{w['final'].get('dino', float('nan')):.3f} / {g['final'].get('dino', float('nan')):.3f} |")
+    lines += ["", "Pointing: the head-averaged last-layer CLS attention's peak cell centre inside the lesion's box; "
+              "best head: the head with the best validation pointing, scored on test; box IoU: the map upsampled, "
+              "normalised and thresholded at 0.5 around its peak. Intervals: t (n - 1 degrees of freedom) and "
+              "percentile bootstrap over the per-seed differences."]
     return "\n".join(lines) + "\n"
 
 
@@ -321,23 +463,25 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=28, help="image size (px)")
     ap.add_argument("--train", type=int, default=3000, help="synthetic training images")
-    ap.add_argument("--test", type=int, default=1000, help="synthetic held-out images")
+    ap.add_argument("--val", type=int, default=300, help="synthetic validation images (best-head choice)")
+    ap.add_argument("--test", type=int, default=1000, help="synthetic test images")
     ap.add_argument("--data-seed", type=int, default=0)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds (init, crops, order)")
-    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--seeds", type=int, nargs="+", default=list(range(10)), help="training seeds (init, crops, order)")
+    ap.add_argument("--steps", type=int, default=240, help="steps of every run (warm-up included)")
+    ap.add_argument("--warmup-steps", type=int, default=120, help="shared unguided steps before the arms branch")
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--guided", type=float, default=0.5, help="crops.label_guided share of the guided run")
-    ap.add_argument("--presets", nargs="+", default=["dinov2", "dino"],
-                    help="training/configs/dinomx/<preset>.yaml, each pretrained with and without label-guided crops")
+    ap.add_argument("--guided", type=float, default=0.5, help="crops.label_guided share of the guided arm")
+    ap.add_argument("--preset", default="demo",
+                    help="training/configs/dinomx/<preset>.yaml (default: the demo's small-budget recipe)")
     ap.add_argument("--width", type=int, default=96)
     ap.add_argument("--depth", type=int, default=4)
     ap.add_argument("--heads", type=int, default=3)
     ap.add_argument("--patch", type=int, default=4)
-    ap.add_argument("--out-dim", type=int, default=1024, help="head.out_dim (prototypes)")
-    ap.add_argument("--hidden-dim", type=int, default=512, help="head.hidden_dim")
+    ap.add_argument("--out-dim", type=int, default=None, help="head.out_dim (prototypes; default: the preset's)")
+    ap.add_argument("--hidden-dim", type=int, default=512, help="head.hidden_dim (None: the preset's)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS), help="output path without suffix (.json and .md are written)")
-    ap.add_argument("overrides", nargs="*", help="DINO-MX config key=value for both runs")
+    ap.add_argument("overrides", nargs="*", help="DINO-MX config key=value for every run")
     return ap
 
 
@@ -345,6 +489,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = parser().parse_args(argv)
     if a.size % a.patch:
         raise SystemExit(f"--size {a.size} is not a multiple of --patch {a.patch}")
+    if not 0 < a.warmup_steps < a.steps:
+        raise SystemExit(f"--warmup-steps must be within (0, --steps={a.steps}), got {a.warmup_steps}")
     torch.set_num_threads(a.threads)
     from transformers.utils import logging as hf_logging
 
@@ -353,14 +499,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(a.out)
     store.write_json_atomic(out.with_suffix(".json"), r)
     out.with_suffix(".md").write_text(markdown(r))
-    c = r["chance"]
-    for preset, x in r["presets"].items():
-        sm = x["summary"]
-        print(f"{preset}: pointing accuracy over {len(x['seeds'])} seed(s) without label-guided crops "
-              f"{sm['without']['mean']:.3f}, with {sm['with']['mean']:.3f} "
-              f"(difference {sm['difference']['mean']:+.3f})")
-    print(f"random init {r['random_init']['summary']['mean']:.3f}; chance {c['box_area_share']:.3f} (area) / "
-          f"{c['cell_centre_share']:.3f} (cells); contrast baseline {r['contrast_baseline']:.3f}")
+    print(r["conclusion"])
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')} in {r['wall_s']:.0f} s")
     return r
 

@@ -340,22 +340,60 @@ class DeepSpeedRunner(Runner):
         return self.optimizer.scaled_global_norm()
 
     def drop_grads(self, params: Iterable[nn.Parameter]) -> None:
-        """Keep ``params`` and their Adam moments as they are through the coming step.
+        """Leave ``params`` as they are through the coming step, as the other runners do by dropping their grads.
 
-        ZeRO updates flat partitions, so the gradients cannot be left out; the parameters and their
-        moments are saved before the step and put back after it. They still count in the norm that
-        clipping uses, as under the other runners. One difference remains: the Adam step counter
-        is shared by a whole parameter group, so after a freeze these parameters' bias correction
-        is that of the group's step count (DINOv2 freezes its last layer the same way, by lr = 0).
+        ZeRO updates flat partitions, so the gradients cannot be left out; what the step changes is
+        put back after it instead. A parameter group whose parameters are all dropped (DINO-MX keeps
+        its prototype layers in a group of their own, :func:`training.dinomx.model.param_groups`)
+        gets its whole optimizer state back, Adam's step counter included: its first real update
+        then has the bias correction of a first step, exactly as under torch's per-parameter state.
+        For a dropped parameter that shares a group with trained ones only the parameter and its
+        moments can be restored (the step counter belongs to the group), so its first updates
+        after such a freeze would be scaled by the group's bias correction. The dropped parameters
+        still count in the norm that clipping uses, as under the other runners.
         """
         self._dropped = [p for p in params if p.requires_grad]
 
     def step(self) -> None:
-        saved = [self._snapshot(p) for p in self._dropped]
+        dropped = {id(p) for p in self._dropped}
+        whole = [(ps, flat) for ps, flat in self._flat_groups() if ps and all(id(p) in dropped for p in ps)]
+        in_whole = {id(p) for ps, _ in whole for p in ps}
+        states = [(flat, self._snapshot_state(flat)) for _, flat in whole]
+        saved = [self._snapshot(p, moments=id(p) not in in_whole) for p in self._dropped]
         self.engine.step()
-        for p, s in zip(self._dropped, saved):
-            self._restore(p, s)
+        for flat, st in states:
+            self._restore_state(flat, st)
+        for p, sv in zip(self._dropped, saved):
+            self._restore(p, sv)
         self._dropped = []
+
+    def _flat_groups(self) -> list[tuple[list[nn.Parameter], torch.Tensor]]:
+        """(module parameters, the fp32 flat partition the torch optimizer steps for them), per group / sub-group."""
+        if self.stage == 3:
+            return list(zip(self.optimizer.fp16_groups, self.optimizer.fp32_partitioned_groups_flat))
+        return list(zip(self.optimizer.bit16_groups, self.optimizer.single_partition_of_fp32_groups))
+
+    def _snapshot_state(self, flat: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        st = self.optimizer.optimizer.state.get(flat)
+        if not st:
+            return None
+        return {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in st.items()}
+
+    def _restore_state(self, flat: torch.Tensor, saved: dict[str, torch.Tensor] | None) -> None:
+        """Put a flat partition's optimizer state back as it was before the step (in place: ZeRO keeps
+        views of these tensors); a state this very step created goes back to a fresh one (step 0, zeros)."""
+        st = self.optimizer.optimizer.state.get(flat)
+        if not st:
+            return
+        for k, v in st.items():
+            if not torch.is_tensor(v):
+                if saved is not None and k in saved:
+                    st[k] = saved[k]
+                continue
+            if saved is not None and k in saved:
+                v.copy_(saved[k])
+            else:
+                v.zero_()  # torch's Adam starts a parameter at step 0 with zero moments
 
     def _state_keys(self) -> list[str]:
         """Names of the optimizer's per-element state (``exp_avg``, ``exp_avg_sq``); [] before the first step."""
@@ -380,20 +418,22 @@ class DeepSpeedRunner(Runner):
             return list(self.optimizer.fp32_partitioned_groups_flat)
         return list(self.optimizer.single_partition_of_fp32_groups)
 
-    def _snapshot(self, p: nn.Parameter) -> dict[str, torch.Tensor]:
+    def _snapshot(self, p: nn.Parameter, moments: bool = True) -> dict[str, Any]:
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-        out = {"param": safe_get_full_fp32_param(p).clone()}
-        for k in self._state_keys():
-            out[k] = safe_get_full_optimizer_state(p, k).clone()
+        out: dict[str, Any] = {"param": safe_get_full_fp32_param(p).clone(), "moments": moments}
+        if moments:
+            for k in self._state_keys():
+                out[k] = safe_get_full_optimizer_state(p, k).clone()
         return out
 
-    def _restore(self, p: nn.Parameter, saved: dict[str, torch.Tensor]) -> None:
+    def _restore(self, p: nn.Parameter, saved: dict[str, Any]) -> None:
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
         safe_set_full_fp32_param(p, saved["param"])
-        for k in self._state_keys():  # moments created by this very step go back to zero
-            safe_set_full_optimizer_state(p, saved.get(k, torch.zeros_like(saved["param"])), k)
+        if saved["moments"]:  # a parameter in a partly dropped group: its moments (the counter is the group's)
+            for k in self._state_keys():  # moments created by this very step go back to zero
+                safe_set_full_optimizer_state(p, saved.get(k, torch.zeros_like(saved["param"])), k)
         self._set_module_param(p, saved["param"])
 
     def _set_module_param(self, p: nn.Parameter, value: torch.Tensor) -> None:

@@ -16,23 +16,29 @@ TINY_HEAD = ["head.out_dim=64", "head.hidden_dim=32", "head.bottleneck_dim=16"]
 
 def test_tiny_run_writes_rows_and_ratios(tmp_path):
     out = tmp_path / "vs_lightly"
-    r = bench.main(["--backbone", "vit-test", "--data", "random", "--images", "16", "--batch", "8", "--steps", "2",
-                    "--warmup", "1", "--dinov2", "--out", str(out), *TINY_HEAD])
-    sides = [row["side"] for row in r["rows"]]
-    assert sides == ["dinomx (DINO preset)", "lightly DINO", "dinomx (DINOv2 preset)"]
-    for row in r["rows"]:
-        assert len(row["step_times_s"]) == 2
-        assert math.isfinite(row["images_per_s"]) and row["images_per_s"] > 0
-        assert row["student_parameters"]["trainable"] > 0
-    assert set(r["ratio_images_per_s"]) == {"dinomx (DINO preset) / lightly DINO",
-                                            "dinomx (DINOv2 preset) / lightly DINO"}
-    assert all(math.isfinite(v) and v > 0 for v in r["ratio_images_per_s"].values())
-    # Same backbone and head sizes on both DINO sides: the same number of trainable parameters.
-    assert r["same_trainable_parameters"] is True
-    assert r["crops"] == {"global": [2, 28], "local": [6, 12]}
-    assert json.loads(out.with_suffix(".json").read_text())["rows"][1]["side"] == "lightly DINO"
+    res = bench.main(["--backbone", "vit-test", "--data", "random", "--images", "16", "--batch", "8", "--steps", "2",
+                      "--warmup", "1", "--dinov2", "--lightly-fused", "--amp", "none", "bf16", "--out", str(out),
+                      *TINY_HEAD])
+    assert [r["precision"] for r in res["runs"]] == ["none", "bf16"]
+    assert [r["autocast_dtype"] for r in res["runs"]] == ["float32", "torch.bfloat16"]
+    for r in res["runs"]:
+        sides = [row["side"] for row in r["rows"]]
+        assert sides == ["dinomx (DINO preset)", "lightly DINO", "lightly DINO (fused backbone)",
+                         "dinomx (DINOv2 preset)"]
+        for row in r["rows"]:
+            assert len(row["step_times_s"]) == 2
+            assert math.isfinite(row["images_per_s"]) and row["images_per_s"] > 0
+            assert row["student_parameters"]["trainable"] > 0
+        assert set(r["ratio_images_per_s"]) == {f"{s} / lightly DINO" for s in sides if s != "lightly DINO"}
+        assert all(math.isfinite(v) and v > 0 for v in r["ratio_images_per_s"].values())
+        # Same backbone and head sizes on both DINO sides: the same number of trainable parameters.
+        assert r["same_trainable_parameters"] is True
+        assert r["crops"] == {"global": [2, 28], "local": [6, 12]}
+        assert r["target"]["best_side"] == "dinomx (DINO preset)" and isinstance(r["target"]["met"], bool)
+    assert json.loads(out.with_suffix(".json").read_text())["runs"][0]["rows"][1]["side"] == "lightly DINO"
     md = out.with_suffix(".md").read_text()
-    assert "| lightly DINO |" in md and "excluded from both" in md
+    assert "| lightly DINO |" in md and "excluded from both" in md and "**float32**" in md and "bfloat16" in md
+    assert "Target >= 1.5x" in md
 
 
 def test_lightly_step_trains_on_given_crops():

@@ -23,11 +23,14 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIG = "dinomx/default.yaml"
 # A tiny DINOv2-style run: DINO + iBOT + KoLeo, 2 local crops, 4 steps of 8 images, fp32 (exact
 # comparison), a clip norm small enough to clip every step, and the prototype layer frozen for the
-# whole run so that every runner's drop_grads is exercised. head.hidden_dim=384 makes one head
-# layer larger than DeepSpeed's ZeRO-3 persistence threshold (1e5 elements), so ZeRO-3 partitions it.
+# first half of the run and trained in the second (so every runner's drop_grads is exercised, and
+# the first updates after the unfreeze must be a first Adam step's, as in one process: DeepSpeed's
+# flat groups once shared the step counter, scaling those updates). The resume at step STOP is at
+# the unfreeze. head.hidden_dim=384 makes one head layer larger than DeepSpeed's ZeRO-3 persistence
+# threshold (1e5 elements), so ZeRO-3 partitions it.
 TINY = ["model.backbone=vit-test", "head.out_dim=64", "head.hidden_dim=384", "head.bottleneck_dim=16",
         "optim.batch_size=8", "optim.steps=4", "crops.local_number=2", "optim.amp=none", "optim.clip_grad=0.05",
-        "optim.freeze_last_layer=1.0", "log.progress=false", "log.every=1", "eval.linear=false",
+        "optim.freeze_last_layer=0.5", "log.progress=false", "log.every=1", "eval.linear=false",
         "data.download=false", "data.datasets=[breastmnist]", "checkpoint.every=2", "run_name=tiny"]
 STOP = 2  # the worker's first trainer stops here; a second one resumes from its checkpoint
 STRATEGIES = {"ddp": ["distributed.strategy=ddp"], "fsdp": ["distributed.strategy=fsdp"],
@@ -35,6 +38,10 @@ STRATEGIES = {"ddp": ["distributed.strategy=ddp"], "fsdp": ["distributed.strateg
               "zero3": ["distributed.strategy=deepspeed", "distributed.zero_stage=3"]}
 RUNNERS = {"ddp": "DDPRunner", "fsdp": "FSDPRunner", "zero2": "DeepSpeedRunner", "zero3": "DeepSpeedRunner"}
 LOSSES = ("loss", "dino", "ibot", "koleo", "grad_norm")
+# Sinkhorn-Knopp targets for DINO and iBOT, and one masked global crop in each step's 16: every step,
+# one of the two processes holds no masked patch and hands Sinkhorn-Knopp no rows (it once crashed
+# there, and the other process then waited in its all-reduce: a hang under NCCL).
+SINKHORN_EMPTY_RANK = ["dino.centering=sinkhorn", "ibot.centering=sinkhorn", "ibot.mask_probability=0.0625"]
 
 
 def torchrun(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -68,6 +75,16 @@ def _weights(run: Path) -> dict[str, dict[str, torch.Tensor]]:
     ckpt = checkpoint.load(run / "checkpoints" / "last.pt")  # checksummed format: never torch.load directly
     return {"backbone": load_file(run / "backbone" / "model.safetensors"), "student": ckpt["student"],
             "teacher": ckpt["teacher"]}
+
+
+@pytest.fixture(scope="module")
+def single_process_sinkhorn(session_env, tmp_path_factory) -> Path:
+    from training.dinomx.recipe import pretrain_config
+
+    out = tmp_path_factory.mktemp("single_sinkhorn")
+    d, metrics = pretrain_config(CONFIG, [*TINY, *SINKHORN_EMPTY_RANK, f"output_dir={out}"], progress=False)
+    assert metrics is not None
+    return d
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +124,33 @@ def test_two_processes_train_like_one(strategy, two_processes, single_process):
         assert mine[part].keys() == theirs[part].keys(), part
         for k in mine[part]:
             torch.testing.assert_close(mine[part][k], theirs[part][k], rtol=1e-4, atol=1e-5, msg=f"{part}.{k}")
+
+
+def _sinkhorn_scores() -> torch.Tensor:
+    return torch.randn(6, 8, generator=torch.Generator().manual_seed(3)) * 3
+
+
+@pytest.mark.slow
+def test_sinkhorn_knopp_with_an_empty_process(two_processes):
+    """Process 0 holds 6 rows, process 1 none: process 0 gets one process's targets for its 6 rows, process 1 (0, K)."""
+    from training.dinomx.losses import sinkhorn_knopp
+
+    got = [json.loads((two_processes / f"sinkhorn_rank{r}.json").read_text()) for r in range(2)]
+    assert torch.tensor(got[1]["q"]).numel() == 0 and got[1]["shape"] == [0, 8]
+    torch.testing.assert_close(torch.tensor(got[0]["q"]), sinkhorn_knopp(_sinkhorn_scores(), 0.1), rtol=1e-5,
+                               atol=1e-6)
+
+
+@pytest.mark.slow
+def test_ibot_sinkhorn_step_with_a_process_without_masked_crops(two_processes, single_process_sinkhorn):
+    """A DDP run in which every step one process has no masked crop finishes and matches one process."""
+    got = json.loads((two_processes / "sinkhorn_empty_rank" / "tiny" / "metrics.json").read_text())["history"]
+    ref = json.loads((single_process_sinkhorn / "metrics.json").read_text())["history"]
+    assert [h["step"] for h in got] == [h["step"] for h in ref] == [1, 2, 3, 4]
+    assert all(h["ibot"] > 0 for h in ref)  # the one masked crop does count
+    for a, b in zip(got, ref):
+        for k in LOSSES:
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (a["step"], k)
 
 
 # -- MedAlmighty ---------------------------------------------------------------------------------
@@ -183,6 +227,16 @@ def _pretrain_worker(out: Path, overrides: list[str]) -> None:
         raise SystemExit(rc)
 
 
+def _sinkhorn_worker(out: Path) -> None:
+    from training import distributed as D
+    from training.dinomx.losses import sinkhorn_knopp
+
+    env = D.init("ddp")
+    scores = _sinkhorn_scores() if env.rank == 0 else torch.zeros(0, 8)
+    q = sinkhorn_knopp(scores, 0.1)
+    (out / f"sinkhorn_rank{env.rank}.json").write_text(json.dumps({"q": q.tolist(), "shape": list(q.shape)}))
+
+
 def _fit_worker(out: Path) -> None:
     import dataclasses
 
@@ -229,8 +283,10 @@ if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
     torch.set_num_threads(1)
     where = Path(sys.argv[1])
+    _sinkhorn_worker(where)
     for name, extra in STRATEGIES.items():
         _pretrain_worker(where / name, [*TINY, *extra])
+    _pretrain_worker(where / "sinkhorn_empty_rank", [*TINY, *SINKHORN_EMPTY_RANK, "distributed.strategy=ddp"])
     _fit_worker(where)
     # Both processes leave together, the process group torn down first, without the interpreter's
     # module teardown: twice in about twenty launches a worker aborted there ("terminate called

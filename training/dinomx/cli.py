@@ -22,4 +22,7 @@ def main(a: argparse.Namespace) -> str:
         return f"process finished its share of {d}"
     knn = "; ".join(f"{f} kNN test acc {r['test']['acc']:.4f}" for f, r in m.get("knn", {}).items())
     print(f"run:      {d}\nbackbone: {d / 'backbone'}  (transformers.AutoModel.from_pretrained)")
+    c = m.get("collapse", {})
+    print(f"objective: {c.get('verdict', 'not monitored')}"
+          + (f" (DINO loss {c['final']['dino']:.3f}, ln K = {c['ln_k']:.3f})" if "dino" in c.get("final", {}) else ""))
     return f"pretrained {d.name}: {m['report']['steps']} steps in {m['wall_time_s']:.0f} s; {knn or 'no eval'}"

@@ -160,6 +160,7 @@ class OptimConfig:
     steps: int
     batch_size: int
     lr: float
+    lr_scaling: Literal["none", "linear"]
     min_lr: float
     warmup: float
     weight_decay: float
@@ -171,6 +172,13 @@ class OptimConfig:
     momentum_teacher_end: float
     amp: Literal["none", "bf16", "auto"]
     compile: bool
+    fused: bool
+
+    @property
+    def peak_lr(self) -> float:
+        """The lr the schedule peaks at: ``lr`` (``lr_scaling: none``), or DINO's linear scaling rule
+        ``lr * batch_size / 256`` (``linear``: ``lr`` is then the rate of a batch of 256)."""
+        return self.lr * self.batch_size / 256 if self.lr_scaling == "linear" else self.lr
 
     def __post_init__(self) -> None:
         check(self.epochs >= 0, "optim.epochs", f"must be >= 0, got {self.epochs}")

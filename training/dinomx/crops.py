@@ -12,6 +12,10 @@ global 2: rare blur + solarise, locals: blur half the time).
 Label-guided crops: where a sample has a region (x0, y0, x1, y1 in pixels), a share
 ``label_guided`` of its local crops is drawn to contain the whole region (a crop smaller than the
 region is enlarged to it); samples without a region (NaN) and the other crops are unchanged.
+Every random number is drawn whatever ``label_guided`` is and whether or not regions are given
+(the guided placement too, for every crop), so two runs that differ only in ``label_guided`` see
+the same global crops, the same photometric draws, and the same local crops wherever a crop is
+not guided: their comparison is paired crop by crop.
 """
 
 from __future__ import annotations
@@ -63,17 +67,23 @@ def sample_boxes(n: int, height: int, width: int, scale: tuple[float, float], g:
     return torch.stack([x0, y0, w, h], dim=1)
 
 
-def guide_boxes(boxes: torch.Tensor, regions: torch.Tensor, use: torch.Tensor, height: int, width: int,
+def guide_boxes(boxes: torch.Tensor, regions: torch.Tensor | None, use: torch.Tensor, height: int, width: int,
                 g: torch.Generator) -> torch.Tensor:
     """Move (and if needed enlarge) the crops where ``use`` so that each contains its region.
 
     Args:
-        boxes: (n, 4) crops (x0, y0, w, h); regions: (n, 4) (x0, y0, x1, y1), NaN rows = no region;
+        boxes: (n, 4) crops (x0, y0, w, h); regions: (n, 4) (x0, y0, x1, y1), NaN rows = no region,
+            or None (no regions at all: the boxes come back unchanged);
         use: (n,) bool, which crops to guide.
+
+    Always draws the same 2n numbers from ``g`` (the placements of every row), whatever ``use`` and
+    ``regions`` are, so the draws after it do not depend on which crops were guided.
     """
-    out = boxes.clone()
-    has = use & ~torch.isnan(regions).any(dim=1)
     u1, u2 = torch.rand(len(boxes), generator=g), torch.rand(len(boxes), generator=g)  # drawn for all rows
+    out = boxes.clone()
+    if regions is None:
+        return out
+    has = use & ~torch.isnan(regions).any(dim=1)
     if not has.any():
         return out
     r = regions[has]
@@ -205,12 +215,13 @@ class MultiCrop:
         l_boxes, l_out = [], []
         for _ in range(cfg.local_number):
             boxes = sample_boxes(n, h, w, cfg.local_scale, g)
+            # Drawn (coin and placement) whatever label_guided is: runs that differ only in the share stay paired.
             use = torch.rand(n, generator=g) < cfg.label_guided
-            if regions is not None and cfg.label_guided > 0:
+            full = None
+            if regions is not None:
                 full = torch.full((n, 4), float("nan"))
                 full[rows] = regions.float()
-                boxes = guide_boxes(boxes, full, use, h, w, g)
-            boxes = boxes[rows]
+            boxes = guide_boxes(boxes, full, use, h, w, g)[rows]
             flip = (torch.rand(n, generator=g) < cfg.flip)[rows]
             c = crop_resize(x, boxes, cfg.local_size, flip)
             l_out.append(self._normalise(photometric(c, cfg, cfg.blur[2], cfg.solarize[2], g, n, rows)))

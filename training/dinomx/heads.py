@@ -42,8 +42,15 @@ class DINOHead(nn.Module):
         self.out_dim = out_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.normalize(self.mlp(x), dim=-1, p=2, eps=1e-6)
-        return self.last_layer(x)
+        return self.prototypes(self.bottleneck(x))
+
+    def bottleneck(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, in_dim) -> (B, bottleneck_dim)``: the L2-normalised bottleneck (the collapse monitor reads it)."""
+        return F.normalize(self.mlp(x), dim=-1, p=2, eps=1e-6)
+
+    def prototypes(self, z: torch.Tensor) -> torch.Tensor:
+        """Normalised bottleneck ``(B, bottleneck_dim) -> (B, out_dim)`` prototype scores."""
+        return self.last_layer(z)
 
     def last_layer_parameters(self) -> list[nn.Parameter]:
         """Prototype weights, frozen during the first steps (``optim.freeze_last_layer_epochs``)."""

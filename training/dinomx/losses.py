@@ -26,10 +26,18 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _amax(x: torch.Tensor, dim: int | None) -> torch.Tensor:
+    """``x.amax`` (over everything, or over ``dim`` keeping it), -inf where there is nothing to reduce:
+    a process may hold no rows (no masked crop in its share of the batch) and must still take part."""
+    if x.numel() == 0:
+        shape = () if dim is None else tuple(1 if i == dim % x.dim() else n for i, n in enumerate(x.shape))
+        return torch.full(shape, float("-inf"), dtype=x.dtype, device=x.device)
+    return x.amax() if dim is None else x.amax(dim=dim, keepdim=True)
+
+
 def _logsumexp_all(x: torch.Tensor, dim: int | None) -> torch.Tensor:
     """logsumexp over ``dim`` (None = everything) of the tensor concatenated across processes along ``dim``."""
-    m = x.amax() if dim is None else x.amax(dim=dim, keepdim=True)
-    m = m.clone()
+    m = _amax(x, dim).clone()
     if _distributed():
         dist.all_reduce(m, op=dist.ReduceOp.MAX)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
@@ -43,11 +51,16 @@ def sinkhorn_knopp(scores: torch.Tensor, temp: float, iterations: int = 3) -> to
 
     Equipartition over the K prototypes is enforced on the whole (all-process) batch; each row is
     then a distribution. Computed in the log domain, so very confident teachers (large scores, low
-    temperatures) neither overflow nor underflow into NaN.
+    temperatures) neither overflow nor underflow into NaN. A process may pass no rows (B = 0, an
+    iBOT batch share without masked patches): it gets (0, K) back after taking part in every
+    reduction, so the other processes' targets are those of their rows alone. With no rows on any
+    process the result is empty and no reduction beyond the row count is made (on every process alike).
     """
     log_q = (scores.float() / temp).t()  # (K, B)
     k = log_q.shape[0]
     b = all_reduce_sum(torch.tensor(float(log_q.shape[1]), device=log_q.device))
+    if float(b) == 0:
+        return scores.float().new_zeros(scores.shape)
     log_q = log_q - _logsumexp_all(log_q, None)
     for _ in range(iterations):
         log_q = log_q - _logsumexp_all(log_q, 1) - math.log(k)  # each prototype gets 1/K of the mass

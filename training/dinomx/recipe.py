@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,8 @@ from zoo.data import dataset_info
 from zoo.registry import ZooEntry
 
 LOG_KEYS = ("loss", "dino", "ibot", "koleo", "gram", "distill")
+# The collapse monitor's figures in the progress bar (monitor.py): teacher entropy, prototypes in use, CLS cosine.
+BAR_MONITOR = {"teacher_entropy": "H_t", "eff_prototypes": "K_eff", "cls_cos": "cos"}
 
 
 class Pretraining:
@@ -59,7 +62,7 @@ class Pretraining:
         self.params["backbone_trainable"] = count_trainable(encoder)
         self.params["backbone_total"] = sum(p.numel() for p in encoder.parameters())
         self.runner = D.wrap(self.env, t.student,
-                             lambda groups: torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(0.9, 0.999)),
+                             lambda groups: torch.optim.AdamW(groups, lr=cfg.optim.peak_lr, betas=(0.9, 0.999)),
                              lambda mod: param_groups(mod, cfg.optim.layer_decay), raw)
         if cfg.optim.compile:
             self.runner.module = torch.compile(self.runner.module)
@@ -107,16 +110,42 @@ class Pretraining:
         p = ckpt_dir / "last.pt"
         if not (self.cfg.checkpoint.resume and (p.exists() or p.is_symlink())):
             return False
+        self._load(p, config_sha(self.raw), "the checkpoint was written by a run with another config; delete it or "
+                   "set checkpoint.resume=false (or use another run_name)")
+        return True
+
+    def branch(self, path: Path, parent: dict[str, Any]) -> None:
+        """Continue from another run's checkpoint (``path``, a ``last.pt``) written by this run's config with
+        the dotted keys of ``parent`` set as given, e.g. ``{"crops.label_guided": 0.0}``.
+
+        Two runs branched from one checkpoint share everything up to it (student, teacher, heads,
+        optimizer state, loss centers, schedule position) and differ after it only in ``parent``'s
+        keys: a paired comparison (``benchmarks/dinomx_pointing.py`` branches both arms from one
+        unguided warm-up). The schedules are those of the whole run, so the parent must have been
+        run with the same number of steps and stopped early (``fit(stop_after=...)``).
+        """
+        raw = json.loads(json.dumps(self.raw))
+        for key, value in parent.items():
+            *heads, last = key.split(".")
+            node = raw
+            for h in heads:
+                node = node[h]
+            if last not in node:
+                raise ConfigError(f"{key} is not a config key")
+            node[last] = value
+        self._load(path, config_sha(raw), f"{path} was not written by this config with {parent}")
+
+    def _load(self, p: Path, sha: str, mismatch: str) -> None:
         st = checkpoint.load(p, {"step": int, "student": dict, "teacher": dict, "optimizer": dict, "history": list,
                                  "seconds": (int, float), "images_seen": int, "config_sha": str},
                              total_steps=self.total)
-        if st["config_sha"] != config_sha(self.raw):
-            raise ConfigError("the checkpoint was written by a run with another config; delete it or set "
-                              "checkpoint.resume=false (or use another run_name)")
+        if st["config_sha"] != sha:
+            raise ConfigError(mismatch)
         self.task.load_state_dict(st)
         self.runner.load_optimizer_state(st["optimizer"])
         self.state = LoopState(int(st["step"]), list(st["history"]), float(st["seconds"]), int(st["images_seen"]))
-        return True
+        for row in self.state.history:  # the monitor picks up where the checkpoint's run was
+            self.task.monitor.observe(row)
 
     # -- training -----------------------------------------------------------------------------
     def fit(self, ckpt_dir: Path | None = None, progress: bool = True, stop_after: int | None = None) -> None:
@@ -126,14 +155,19 @@ class Pretraining:
                    disable=not (progress and self.env.is_main))
 
         def on_step(done: int, out: dict[str, torch.Tensor], grad_norm: float) -> None:
-            row = D.average(out, self.env)  # global-batch values
+            row = D.average({**out, **self.task.monitor_values}, self.env)  # global-batch values, one all-reduce
             row.update(self.task.last_row, grad_norm=grad_norm)
             bar.update(1)
             bar.set_postfix({k: f"{row[k]:.3f}" for k in LOG_KEYS if k in row}
+                            | {short: f"{row[k]:.3g}" for k, short in BAR_MONITOR.items() if k in row}
                             | {"t_temp": f"{row['teacher_temp']:.3f}", "mom": f"{row['momentum']:.4f}"})
             if done % log_every == 0 or done == self.total:
-                self.state.history.append({"step": done, **{k: round(v, 6) for k, v in row.items()},
-                                           "seconds": round(self.state.seconds, 2)})
+                entry = {"step": done, **{k: round(v, 6) for k, v in row.items()},
+                         "seconds": round(self.state.seconds, 2)}
+                self.state.history.append(entry)
+                warning = self.task.monitor.observe(entry)
+                if warning and self.env.is_main:
+                    tqdm.write(warning, file=sys.stderr)
             if ckpt_dir is not None and every > 0 and (done % every == 0 or done == self.total):
                 self.save_checkpoint(ckpt_dir)
 
@@ -141,6 +175,10 @@ class Pretraining:
         self.loop.run(self.task, self.state, images_per_step=self.task.batch, stop_after=stop_after, on_step=on_step)
         bar.close()
         self.runner.module.eval()
+
+    def collapse(self) -> dict[str, Any]:
+        """The collapse monitor's verdict on the run so far (``metrics.json``'s ``collapse`` section)."""
+        return self.task.monitor.summary(self.state.history)
 
     def report(self) -> dict[str, Any]:
         s = self.state
@@ -215,7 +253,11 @@ def run(raw: dict[str, Any], out: Path, ckpt_dir: Path, progress: bool = True, d
     else:
         entry = run_entry(cfg, prep, pt.data.names, raw["run_name"] or run_name(raw))
     config = write_config(out, entry, raw, lineage)
-    metrics = {**ev, "report": report, "seed": cfg.seed, "history": pt.history,
+    collapse = pt.collapse()
+    if collapse["collapsed"] and collapse["first_warning_step"] is None:  # not warned during the run
+        print(f"warning: DINO-MX run ended collapsed: {collapse['verdict']}. To fix: {collapse['advice']}.",
+              file=sys.stderr, flush=True)
+    metrics = {**ev, "report": report, "collapse": collapse, "seed": cfg.seed, "history": pt.history,
                "wall_time_s": round(time.perf_counter() - t_start, 2)}
     write_results(out, entry, config, metrics)
     D.barrier(pt.env)

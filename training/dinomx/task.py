@@ -5,7 +5,9 @@ by ``(seed, step)``) and the losses, and answers the loop's three calls (:mod:`t
 ``forward(step) -> {"loss": total, "dino": ..., ...}``, ``before_update`` (the prototype layer stays
 frozen for the first steps) and ``after_update`` (the EMA teacher follows the student; the Gram
 anchor is refreshed on its schedule). The loss terms are one table, :data:`LOSS_TERMS`: adding a
-loss is a module in :mod:`training.dinomx.losses`, a row there, and its YAML section.
+loss is a module in :mod:`training.dinomx.losses`, a row there, and its YAML section. Each step also
+leaves the collapse monitor's figures in ``monitor_values`` (:mod:`training.dinomx.monitor`), which
+the recipe logs with the losses.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ from safetensors.torch import load_file
 
 from training import distributed as D
 from training.config import ConfigError
+from training.dinomx import fused
 from training.dinomx.config import DinoMXConfig, HeadConfig
 from training.dinomx.crops import CropConfig, MultiCrop
 from training.dinomx.data import PretrainData
 from training.dinomx.losses import DINOLoss, FeatureDistillLoss, GramLoss, IBOTPatchLoss, KoLeoLoss
 from training.dinomx.masking import batch_masks
 from training.dinomx.model import SSLModel, apply_lora, freeze
+from training.dinomx.monitor import CollapseMonitor, burn_in_steps, step_figures
 from training.loop import amp_dtype
 from training.schedules import cosine, teacher_temperature
 from zoo.backbones import ViTBackbone, create_model
@@ -44,19 +48,31 @@ def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step * 97 + stream) % (2**63))
 
 
+def module_seed(seed: int, step: int, rank: int) -> int:
+    """The global torch seed of step ``step`` on process ``rank``: the stochastic-depth / dropout draws.
+
+    Those draws are per sample, and each process holds other samples, so each process draws its
+    own (one seed for all would give image i of every process the same drop pattern); a resumed run
+    and a rerun with the same number of processes draw the same.
+    """
+    return (seed * 1_000_003 + step + rank * 7_919_000_003) % (2**63)
+
+
 @dataclass
 class StepTensors:
     """What the loss terms of one step read (``b`` images on this process, crop-major rows)."""
 
     student: dict[str, torch.Tensor | None]
     t_cls: torch.Tensor
-    t_patches: torch.Tensor
+    t_patches: torch.Tensor | None  # None when no loss reads the teacher's patch tokens
     t_dino: torch.Tensor | None
+    t_bottleneck: torch.Tensor | None
     t_ibot: torch.Tensor | None
     masks: torch.Tensor | None
     anchor: torch.Tensor | None
     teacher_temp: float
     b: int
+    t_dino_probs: torch.Tensor | None = None  # the DINO targets, once the dino term made them (the monitor reads them)
 
 
 class DinoTask:
@@ -96,6 +112,12 @@ class DinoTask:
             apply_lora(encoder, s.lora.r, s.lora.alpha, s.lora.dropout,
                        s.lora.targets if isinstance(s.lora.targets, str) else list(s.lora.targets))
         self.student = SSLModel(encoder, cfg.head, distill_dim).to(env.device)
+        # Patch tokens of the global crops only where a loss reads them (the fused path then skips the
+        # last block's patch rows); the local crops' are never read.
+        feature = self.distill_teacher is not None and self.distill_mode == "feature"
+        self.student.need_patches = cfg.ibot.loss_weight > 0 or cfg.gram.loss_weight > 0 or feature
+        self.teacher_patches = (cfg.ibot.loss_weight > 0 and self.dino_targets) or feature
+        self.student.fused = self._fused(encoder)
         self.teacher = self.distill_teacher if self.distill_teacher is not None else copy.deepcopy(self.student)
         self.teacher.requires_grad_(False).eval()
         self.gram_anchor: SSLModel | None = None
@@ -118,7 +140,7 @@ class DinoTask:
         self.grid = encoder.grid(c.global_size)
 
         T = self.total
-        self.lr = cosine(o.lr, o.min_lr, T, int(o.warmup * T))
+        self.lr = cosine(o.peak_lr, o.min_lr, T, int(o.warmup * T))
         self.wd = cosine(o.weight_decay, o.weight_decay_end, T)
         self.momentum = cosine(o.momentum_teacher, o.momentum_teacher_end, T)
         self.t_temp = teacher_temperature(dn.teacher_temp, dn.warmup_teacher_temp,
@@ -128,6 +150,15 @@ class DinoTask:
         self.gram_every = int(cfg.gram.refresh_every * T)
         self.dtype = amp_dtype(o.amp, env.device)
         self.last_row: dict[str, float] = {}
+        self.monitor_values: dict[str, torch.Tensor] = {}  # this step's collapse-monitor figures (monitor.py)
+        temp_warmup = int(dn.warmup_teacher_temp_epochs * T) if dn.warmup_teacher_temp != dn.teacher_temp else 0
+        self.monitor = CollapseMonitor(K, burn_in_steps(T, int(o.warmup * T), temp_warmup), T)
+
+    def _fused(self, encoder: ViTBackbone) -> bool:
+        """``optim.fused`` where it applies: a supported backbone whose parameters are whole on this process."""
+        d = self.cfg.distributed
+        sharded = self.env.world > 1 and (d.strategy == "fsdp" or (d.strategy == "deepspeed" and d.zero_stage == 3))
+        return self.cfg.optim.fused and not sharded and fused.supported(encoder)
 
     def attach(self, runner: D.Runner) -> None:
         """The runner the student trains through (DDP / FSDP / DeepSpeed wrap it in place)."""
@@ -180,7 +211,7 @@ class DinoTask:
 
     def forward(self, step: int) -> dict[str, torch.Tensor]:
         cfg, seed, dev = self.cfg, self.cfg.seed, self.env.device
-        torch.manual_seed(seed * 1_000_003 + step)  # stochastic depth / dropout draws of this step
+        torch.manual_seed(module_seed(seed, step, self.env.rank))  # this process's stochastic depth / dropout
         idx = self.batch_indices(step)
         g = step_generator(seed, step, 2)
         regions = self.data.regions[idx] if self.data.regions is not None else None
@@ -197,13 +228,14 @@ class DinoTask:
         t_temp = float(self.t_temp[step])
         with torch.autocast(dev.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
             with torch.no_grad():
-                t_cls, t_patches = self.teacher.encoder.encode(gl)
-                t_dino = self.teacher.dino_head(t_cls)
+                t_cls, t_patches = self.teacher.encode(gl, patches=self.teacher_patches)
+                t_z = self.teacher.dino_head.bottleneck(t_cls)
+                t_dino = self.teacher.dino_head.prototypes(t_z)
                 t_ibot = (self.teacher.ibot_head or self.teacher.dino_head)(t_patches[masks]) \
                     if masks is not None else None
                 anchor = self.gram_anchor.encoder.encode(gl)[1] if self.gram_anchor is not None else None
             out = self.runner.module(gl, lo, masks)
-        ctx = StepTensors(out, t_cls, t_patches, t_dino, t_ibot, masks, anchor, t_temp, b)
+        ctx = StepTensors(out, t_cls, t_patches, t_dino, t_z, t_ibot, masks, anchor, t_temp, b)
         terms = {}
         for name, (weight_of, compute) in LOSS_TERMS.items():
             w = weight_of(self)
@@ -215,7 +247,18 @@ class DinoTask:
         result = {name: v for name, (_, v) in terms.items()}
         result["loss"] = loss
         self.last_row = {"teacher_temp": t_temp, "momentum": float(self.momentum[step]), "lr": float(self.lr[step])}
+        self.monitor_values = self._monitor(ctx)
         return result
+
+    def _monitor(self, c: StepTensors) -> dict[str, torch.Tensor]:
+        """The collapse monitor's figures (monitor.py) for the model the run saves."""
+        dino = self.dino_targets and self.cfg.dino.loss_weight > 0
+        if self.distill_teacher is None:  # the EMA teacher is what the run saves
+            feats, cls = (c.t_bottleneck if dino else None), c.t_cls
+        else:
+            feats, cls = None, c.student["cls"].detach()
+        return step_figures(c.t_dino_probs, c.student["dino_global"].detach() if dino else None,
+                            self.cfg.dino.student_temp, feats, cls)
 
     def before_update(self, step: int) -> None:
         if step < self.freeze_last:  # DINO's last-layer freeze: the prototypes move once the rest has settled
@@ -283,6 +326,7 @@ def _dino(task: DinoTask, c: StepTensors) -> torch.Tensor | None:
     if not task.dino_targets:
         return None
     t_probs = task.dino_loss.teacher_probs(c.t_dino.view(2, c.b, -1), c.teacher_temp)
+    c.t_dino_probs = t_probs
     s_all = c.student["dino_global"].view(2, c.b, -1)
     if c.student["dino_local"] is not None:
         s_all = torch.cat([s_all, c.student["dino_local"].view(-1, c.b, s_all.shape[-1])])
@@ -298,8 +342,10 @@ def _ibot(task: DinoTask, c: StepTensors) -> torch.Tensor | None:
 
 
 def _koleo(task: DinoTask, c: StepTensors) -> torch.Tensor:
+    # Summed over the two global crops, as DINOv2 / DINOv3 do (``sum(koleo(p) for p in cls.chunk(2))``),
+    # so koleo.loss_weight means what it means there.
     cls = c.student["cls"].view(2, c.b, -1)
-    return sum(task.koleo(cls[i], D.all_gather_with_grad(cls[i], task.env), task.offset) for i in range(2)) / 2
+    return sum(task.koleo(cls[i], D.all_gather_with_grad(cls[i], task.env), task.offset) for i in range(2))
 
 
 def _gram(task: DinoTask, c: StepTensors) -> torch.Tensor | None:

@@ -334,3 +334,182 @@ def test_schedules():
     m = cosine(0.992, 1.0, 50)
     assert m[0] == pytest.approx(0.992) and m[-1] == pytest.approx(1.0, abs=1e-5)
     assert math.isclose(cosine(2.0, 2.0, 5)[3], 2.0)
+
+
+# -- fixed bugs (issue: DINO-MX that learns on a small budget) -----------------------------------
+def test_sinkhorn_knopp_on_an_empty_input():
+    """A process (or a step) without masked crops hands iBOT's Sinkhorn-Knopp no rows: (0, K) back, no crash."""
+    q = sinkhorn_knopp(torch.zeros(0, 8), temp=0.1)
+    assert q.shape == (0, 8)
+    loss = IBOTPatchLoss(8, centering="sinkhorn")
+    assert loss.teacher_probs(torch.zeros(0, 8), 0.07).shape == (0, 8)
+
+
+def test_koleo_term_sums_the_two_global_crops_as_dinov2_does():
+    """DINOv2's ssl_meta_arch: ``koleo_loss_weight * sum(self.koleo_loss(p) for p in student_cls_tokens.chunk(2))``."""
+    from types import SimpleNamespace
+
+    from training import distributed as D
+    from training.dinomx.task import _koleo
+
+    torch.manual_seed(0)
+    cls = torch.randn(2 * 6, 5)
+    env = D.DistEnv("none", 0, 1, 0, torch.device("cpu"))
+    task = SimpleNamespace(koleo=KoLeoLoss(), env=env, offset=0)
+    ctx = SimpleNamespace(student={"cls": cls}, b=6)  # what the KoLeo term reads of a step's tensors
+    want = sum(KoLeoLoss()(p) for p in cls.chunk(2))  # DINOv2's formula
+    assert torch.allclose(_koleo(task, ctx), want, atol=1e-6)
+
+
+def test_label_guided_share_does_not_change_the_other_random_draws():
+    """Two runs that differ only in crops.label_guided are paired: same globals, same unguided locals."""
+    x = torch.randint(0, 256, (16, 1, 28, 28), dtype=torch.uint8)
+    regions = torch.tensor([[3.0, 4.0, 9.0, 11.0]]).repeat(16, 1)
+
+    def crops(share: float, with_regions: bool = True):
+        cfg = CropConfig(local_number=4, local_scale=(0.05, 0.2), label_guided=share)
+        return MultiCrop(cfg)(x, torch.Generator().manual_seed(5), regions=regions if with_regions else None)
+
+    base, guided, full = crops(0.0), crops(0.5), crops(1.0)
+    assert torch.equal(base.globals, guided.globals) and torch.equal(base.global_boxes, guided.global_boxes)
+    # A crop the 0.5 run did not guide is the 0 run's crop, pixel for pixel (and its photometric draws too).
+    unguided = (guided.local_boxes == base.local_boxes).all(dim=-1)  # (n_local, b)
+    assert 0 < int(unguided.sum()) < unguided.numel()
+    lb, lg = base.locals.view(4, 16, 1, 12, 12), guided.locals.view(4, 16, 1, 12, 12)
+    assert torch.equal(lb[unguided], lg[unguided])
+    # The guided crops are the fully guided run's crops: placement draws do not depend on the share either.
+    assert torch.equal(guided.local_boxes[~unguided], full.local_boxes[~unguided])
+    # Without regions the stream is the same as with regions and nothing guided.
+    assert torch.equal(crops(0.5, with_regions=False).locals, base.locals)
+
+
+def test_drop_path_draws_differ_per_process_and_repeat_on_resume(tmp_path):
+    """Each process draws its own stochastic depth (its own images), and the same again for the same step."""
+    from training import distributed as D
+    from training.config import load_config
+    from training.dinomx.data import PretrainData
+    from training.dinomx.task import DinoTask
+
+    cfg = load_config("dinomx/dino.yaml", ["model.backbone=vit-test", "model.drop_path=0.5", "head.out_dim=64",
+                                           "head.hidden_dim=32", "head.bottleneck_dim=16", "optim.batch_size=8",
+                                           "optim.steps=4", "crops.local_number=2", "optim.amp=none"])
+    from training.dinomx.config import parse
+    from training.dinomx.model import param_groups
+
+    images = PretrainData(torch.randint(0, 256, (16, 1, 28, 28), dtype=torch.uint8))
+    states = {}
+    for rank in (0, 1):
+        # Process `rank` of 2, simulated in this process: the plain runner, no process group (KoLeo is off).
+        env = D.DistEnv("none", rank, 2, rank, torch.device("cpu"))
+        task = DinoTask(parse(cfg), images, env)
+        task.attach(D.wrap(env, task.student, lambda g: torch.optim.AdamW(g), param_groups, cfg))
+        seen: list[torch.Tensor] = []
+        task.student.register_forward_pre_hook(lambda m, a, seen=seen: seen.append(torch.random.get_rng_state()))
+        task.forward(2)
+        task.forward(2)  # the same step again (a resumed run)
+        assert torch.equal(seen[0], seen[1])
+        states[rank] = seen[0]
+    assert not torch.equal(states[0], states[1])
+
+
+# -- collapse monitor ----------------------------------------------------------------------------
+def test_monitor_figures_match_their_formulas():
+    from training.dinomx.monitor import step_figures
+
+    torch.manual_seed(0)
+    p = torch.softmax(torch.randn(2, 5, 8), dim=-1)
+    s = torch.randn(10, 8)
+    z = torch.randn(10, 4)
+    f = step_figures(p, s, 0.1, z, z)
+    flat = p.reshape(-1, 8)
+    assert float(f["teacher_entropy"]) == pytest.approx(float(-(flat * flat.log()).sum(-1).mean()), abs=1e-5)
+    m = flat.mean(0)
+    assert float(f["eff_prototypes"]) == pytest.approx(math.exp(float(-(m * m.log()).sum())), rel=1e-5)
+    sp = torch.softmax(s / 0.1, -1)
+    assert float(f["student_entropy"]) == pytest.approx(float(-(sp * sp.clamp_min(1e-30).log()).sum(-1).mean()),
+                                                        abs=1e-4)
+    zn = F.normalize(z.view(2, 5, 4), dim=-1)
+    cos = [(zn[i] @ zn[i].t())[~torch.eye(5, dtype=torch.bool)].mean() for i in range(2)]
+    assert float(f["bottleneck_cos"]) == pytest.approx(float(sum(cos) / 2), abs=1e-5)
+    same = step_figures(None, None, 0.1, None, torch.ones(10, 4))
+    assert float(same["cls_cos"]) == pytest.approx(1.0, abs=1e-5) and set(same) == {"cls_cos"}
+    uniform = step_figures(torch.full((2, 5, 8), 1 / 8), None, 0.1, None, None)
+    assert float(uniform["teacher_entropy"]) == pytest.approx(math.log(8), abs=1e-5)
+    assert float(uniform["eff_prototypes"]) == pytest.approx(8, rel=1e-5)
+
+
+def test_monitor_warns_once_after_the_burn_in_and_sums_up():
+    from training.dinomx.monitor import PERSIST, CollapseMonitor
+
+    ln_k = math.log(64)
+    mon = CollapseMonitor(64, burn_in=20, total=100)
+    flat = [{"step": s, "dino": ln_k - 0.01, "cls_cos": 0.5, "eff_prototypes": 60.0} for s in range(10, 101, 10)]
+    warnings_ = [mon.observe(r) for r in flat]
+    said = [w for w in warnings_ if w]
+    assert len(said) == 1 and "ln K" in said[0] and "optim.lr_scaling=linear" in said[0]
+    assert mon.warned_at == 20 + 10 * (PERSIST - 1)  # rows before the burn-in are not judged
+    s = mon.summary(flat)
+    assert s["collapsed"] and s["reasons"] == ["uniform"] and s["advice"] and s["dino_below_ln_k"] < 0.05
+
+    alive = CollapseMonitor(64, burn_in=20, total=100)
+    rows = [{"step": s, "dino": 2.0, "cls_cos": 0.3, "eff_prototypes": 30.0} for s in range(10, 101, 10)]
+    assert not any(alive.observe(r) for r in rows)
+    s = alive.summary(rows)
+    assert not s["collapsed"] and s["verdict"].startswith("alive")
+    assert s["dino_below_ln_k"] == pytest.approx(ln_k - 2, abs=1e-3)
+    same = CollapseMonitor(64, burn_in=0, total=30)
+    rows = [{"step": s, "dino": 1.0, "cls_cos": 0.995, "eff_prototypes": 1.0} for s in (10, 20, 30)]
+    assert [bool(same.observe(r)) for r in rows] == [False, False, True]
+    assert same.summary(rows)["reasons"] == ["features", "dominant"]
+
+
+# -- fused training forward ----------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["vit-test", "vitreg-test"])
+def test_fused_forward_equals_the_transformers_forward(name):
+    """Same tokens and gradients as ViTBackbone.encode, masks and another resolution included; the CLS-only
+    last block gives the same CLS."""
+    from training.dinomx import fused
+
+    torch.manual_seed(0)
+    enc = ViTBackbone(create_model(name, in_chans=1, drop_path=0.0), pooling="cls")
+    assert fused.supported(enc)
+    x = torch.randn(3, 1, 28, 28)
+    masks = torch.zeros(3, 49, dtype=torch.bool)
+    masks[0, [1, 5, 9]] = True
+    for inp, m in ((x, None), (x, masks), (torch.randn(3, 1, 12, 12), None)):
+        want_cls, want_p = enc.encode(inp, m)
+        got_cls, got_p = fused.encode(enc, inp, m)
+        torch.testing.assert_close(got_cls, want_cls, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got_p, want_p, atol=1e-5, rtol=1e-5)
+        only_cls, none = fused.encode(enc, inp, m, patches=False)
+        assert none is None
+        torch.testing.assert_close(only_cls, want_cls, atol=1e-5, rtol=1e-5)
+    g_want = torch.autograd.grad(enc.encode(x)[0].square().sum(), list(enc.parameters()), allow_unused=True)
+    g_got = torch.autograd.grad(fused.encode(enc, x, patches=False)[0].square().sum(), list(enc.parameters()),
+                                allow_unused=True)
+    for (n, _), a, b in zip(enc.named_parameters(), g_got, g_want):
+        if b is None:
+            assert a is None or not a.any(), n
+        else:
+            torch.testing.assert_close(a, b, atol=1e-4 * float(b.abs().max()) + 1e-6, rtol=1e-4, msg=n)
+
+
+def test_fused_forward_draws_stochastic_depth_as_the_transformers_forward():
+    from training.dinomx import fused
+
+    enc = ViTBackbone(create_model("vit-test", in_chans=1, drop_path=0.5), pooling="cls").train()
+    x = torch.randn(4, 1, 28, 28)
+    torch.manual_seed(3)
+    want = enc.encode(x)[0]
+    torch.manual_seed(3)
+    torch.testing.assert_close(fused.encode(enc, x)[0], want, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_forward_is_not_used_where_it_does_not_apply():
+    from training.dinomx import fused
+
+    assert not fused.supported(ViTBackbone(create_model("hfvit-test"), pooling="cls"))
+    assert not fused.supported(ViTBackbone(create_model("dinov3-test"), pooling="cls"))
+    lora = ViTBackbone(create_model("vit-test"), pooling="cls")
+    apply_lora(lora, r=2, alpha=4)
+    assert not fused.supported(lora)

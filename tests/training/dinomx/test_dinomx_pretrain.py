@@ -211,3 +211,35 @@ def test_zoo_train_with_a_dinomx_config_pretrains(tmp_path, capsys):
                  "--quiet"]) == 0
     assert "kNN test acc" in capsys.readouterr().out
     assert (tmp_path / "dinomx-vit-test-breastmnist" / "backbone" / "config.json").is_file()
+
+
+def test_every_run_logs_the_collapse_monitor_and_a_collapsing_run_warns(tmp_path, capsys):
+    """A teacher at temperature 1 gives near-uniform targets: the DINO loss sits at ln K, the run says so once."""
+    from zoo.cli import main
+
+    common = [*TINY, "optim.steps=20", "log.every=2", "eval.linear=false", f"output_dir={tmp_path}", "--quiet"]
+    assert main(["pretrain", "dinomx/default.yaml", *common, "run_name=flat", "dino.teacher_temp=1.0",
+                 "dino.warmup_teacher_temp=1.0"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning: DINO-MX collapse") == 1, err
+    assert "ln K" in err and "optim.lr_scaling=linear" in err and "dino.teacher_temp" in err
+    m = json.loads((tmp_path / "flat" / "metrics.json").read_text())
+    c = m["collapse"]
+    assert c["collapsed"] is True and "uniform" in c["reasons"] and c["first_warning_step"] is not None
+    assert c["ln_k"] == pytest.approx(np.log(64), abs=1e-3) and c["dino_below_ln_k_share"] < 0.05
+    assert c["advice"] and c["verdict"].startswith("collapsed")
+    for row in m["history"]:  # the monitor's figures are in every logged row
+        assert {"teacher_entropy", "student_entropy", "eff_prototypes", "bottleneck_cos", "cls_cos"} <= set(row)
+        assert 0 <= row["teacher_entropy"] <= np.log(64) + 1e-4 and 1 <= row["eff_prototypes"] <= 64 + 1e-3
+    assert m["history"][-1]["teacher_entropy"] > 0.95 * np.log(64)
+
+
+def test_linear_lr_scaling_follows_the_batch():
+    lin = Pretraining(tiny_cfg("optim.lr=4e-4", "optim.lr_scaling=linear", "optim.warmup=0"))
+    assert lin.task.lr[0] == pytest.approx(4e-4 * 8 / 256)
+    none = Pretraining(tiny_cfg("optim.lr=4e-4", "optim.lr_scaling=none", "optim.warmup=0"))
+    assert none.task.lr[0] == pytest.approx(4e-4)
+    from training.dinomx.config import parse
+
+    with pytest.raises(ConfigError, match="lr_scaling"):
+        parse(tiny_cfg("optim.lr_scaling=sqrt"))
