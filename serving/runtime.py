@@ -92,6 +92,16 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ServingError(f"cannot read {path} ({e})") from None
 
 
+def same_entry(exported: Any, recorded: Any) -> bool:
+    """Whether an export's entry (``export.json``, written by the zoo that exported) is the entry its folder
+    records (``config.json``, written by the zoo that built it): every field the build recorded agrees. A
+    store built before fields were added (``tag``, ``data_size``, ...) thus stays servable; the export's
+    ``created`` after the build's is checked beside this."""
+    if not isinstance(exported, dict) or not isinstance(recorded, dict):
+        return False
+    return all(k in exported and exported[k] == v for k, v in recorded.items())
+
+
 def bundle_problem(folder: Path, fmt: str = "onnx") -> str | None:
     """Why ``<folder>/export/<fmt>`` cannot be served as the entry's current model, or None when it can."""
     d = folder / "export" / export.get_format(fmt, export.SERVABLE).name
@@ -103,7 +113,7 @@ def bundle_problem(folder: Path, fmt: str = "onnx") -> str | None:
         return f"{d} was exported without a localization output (--with-localization)"
     if _read_json(d / "preprocess.json").get("input_dtype", "float32") != "float32":
         return f"{d} was exported with uint8 input (--uint8-input); the service feeds normalised float input"
-    if rec.get("entry") != cfg.get("entry") or rec.get("created", "") < cfg.get("created", ""):
+    if not same_entry(rec.get("entry"), cfg.get("entry")) or rec.get("created", "") < cfg.get("created", ""):
         return f"{d} was exported from another build of the entry"
     if store.sha256_file(d / "model.onnx") != rec.get("sha256"):
         return f"{d / 'model.onnx'} does not match the sha256 in its export.json (changed or corrupted)"

@@ -475,3 +475,17 @@ def test_large_pngs_are_decoded_small_within_the_budget(served):
     assert peak - before < 600, (before, peak, after)  # 4 x 16.7 MP in flight, decoded to 512 px at once
     assert after - before < 200, (before, peak, after)
     assert served.listing["limits"]["max_pixels_in_flight"] == 4 * served.listing["limits"]["max_pixels"]
+
+
+def test_an_entry_recorded_by_an_older_zoo_is_the_same_entry():
+    """A store built before fields with defaults were added (tag, data_size, ...) must stay servable: the
+    export records today's writing of the entry, config.json the older one (issue found on a real store)."""
+    from serving.runtime import same_entry
+    from zoo.registry import get_entry
+
+    e = get_entry("baseline-resnet18-breastmnist").to_dict()
+    older = {k: v for k, v in e.items() if k not in ("tag", "data_size", "small_stem", "teacher_input_size")}
+    assert same_entry(e, older) and same_entry(e, e)
+    assert not same_entry(e, {**older, "dataset": "pneumoniamnist"})  # a field both record differs
+    assert not same_entry(older, e)  # the export lacks a field the build recorded: an older export
+    assert not same_entry(None, e) and not same_entry(e, [])
