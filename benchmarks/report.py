@@ -73,15 +73,77 @@ def render() -> str:
              _distill(), _export(),
              _md("dinomx_knn", "DINO-MX features against random init and a published ImageNet DINO ViT-B/16"),
              _md("dinomx_strategies", "Full fine-tuning, LoRA and freezing of the same backbone"),
+             _md("dinomx_small_budget", "DINO-MX on a small budget: the shipped preset against DINO's defaults"),
              _md("dinomx_vs_lightly", "A DINO-MX training step next to lightly's DINO"),
              _md("dinomx_pointing", "Label-guided crops and attention pointing accuracy on a synthetic benchmark"),
              _md("serve_load", "HTTP serving under load"),
+             _md("serve_load_large", "HTTP serving, large-image phase (decoded-pixel budget)",
+                 "benchmarks/serve_load.py --large-only --out benchmarks/results/serve_load_large"),
              _md("serve_load_int8", "HTTP serving under load, INT8 bundle",
                  "benchmarks/serve_load.py --precision int8 --out benchmarks/results/serve_load_int8")]
     out = [START, ""]
     for part in parts:
         out += [*part, ""]
     return "\n".join([*out, END])
+
+
+def _load(name: str) -> dict | None:
+    p = RESULTS / f"{name}.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def finding_small_budget() -> str:
+    r = _load("dinomx_small_budget")
+    if r is None:
+        return "not measured yet (`python -m benchmarks.dinomx_small_budget`)."
+    parts = []
+    for x in r["rows"]:
+        warned = f" (warned at step {x['first_warning_step']})" if x["first_warning_step"] else ""
+        state = f"collapsed{warned}" if x["collapsed"] else "alive"
+        parts.append(f"{x['dataset']}, {x['setting']}: DINO loss {x['dino_final']:.2f} against ln K = "
+                     f"{x['ln_k']:.2f}, {state}, kNN test ACC {x['knn_test_acc']:.3f} (majority class "
+                     f"{x['majority_rate']:.3f})")
+    return ("measured on data the preset was not tuned on, " + "; ".join(parts)
+            + " (`benchmarks/dinomx_small_budget.py`).")
+
+
+def finding_speed() -> str:
+    r = _load("dinomx_vs_lightly")
+    if r is None:
+        return "not measured yet (`python -m benchmarks.dinomx_vs_lightly`)."
+    parts, met = [], True
+    for x in r.get("runs", [r]):
+        t = x.get("target", {})
+        met = met and bool(t.get("met"))
+        parts.append(f"{x['autocast_dtype']}: {t['wall']:.2f}x lightly's DINO step in wall-clock images/s "
+                     f"({t['cpu']:.2f}x per CPU-second; {t['best_side']})")
+    target = r.get("target_speed_vs_lightly")
+    return ("measured side by side in one run per precision, " + "; ".join(parts)
+            + (f"; the target of {target:g}x is " + ("met" if met else "not met") if target else "")
+            + " (`benchmarks/dinomx_vs_lightly.py`).")
+
+
+def finding_pointing() -> str:
+    r = _load("dinomx_pointing")
+    if r is None or "conclusion" not in r:
+        return "Not measured yet (`python -m benchmarks.dinomx_pointing`)."
+    return "What was found: " + r["conclusion"] + " Chance, the random init and a contrast baseline are in the " \
+        "results section (`benchmarks/dinomx_pointing.py`)."
+
+
+# Sentences inside the README's prose, between <!-- finding:NAME --> and <!-- /finding:NAME -->.
+FINDINGS = {"small-budget": finding_small_budget, "speed": finding_speed, "pointing": finding_pointing}
+
+
+def fill_findings(text: str) -> str:
+    for name, make in FINDINGS.items():
+        start, end = f"<!-- finding:{name} -->", f"<!-- /finding:{name} -->"
+        if start not in text or end not in text:
+            sys.exit(f"README.md lacks the {start} / {end} markers")
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        text = head + start + make() + end + tail
+    return text
 
 
 def main() -> None:
@@ -91,7 +153,7 @@ def main() -> None:
         sys.exit(f"README.md lacks the {START} / {END} markers")
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    readme.write_text(head + render() + tail)
+    readme.write_text(fill_findings(head + render() + tail))
     print(f"updated {readme}")
 
 

@@ -93,8 +93,13 @@ def run(progress: bool = True) -> Path:
             f"linear ACC {lin['acc']:.3f} AUC {lin['auc']:.3f}  ({m['report']['steps']} steps, "
             f"{m['report']['images_per_s']} images/s)")
     print(line)
+    c = m.get("collapse") or {}
+    objective = c.get("verdict", "not monitored") + (
+        f" (DINO loss {c['final']['dino']:.3f}, ln K = {c['ln_k']:.3f})" if "dino" in c.get("final", {}) else "")
+    print(f"      objective: {objective}")
     report += ["## 1. DINO-MX backbone", "", f"`{BACKBONE}`, {m['report']['steps']} steps: test kNN ACC "
-               f"{knn['acc']:.3f} (AUC {knn['auc']:.3f}), linear ACC {lin['acc']:.3f} (AUC {lin['auc']:.3f})."]
+               f"{knn['acc']:.3f} (AUC {knn['auc']:.3f}), linear ACC {lin['acc']:.3f} (AUC {lin['auc']:.3f}); "
+               f"objective {objective}."]
     if plus:
         report.append(f"Published MedMNIST+ ImageNet DINO ViT-B/16 at 28 px: kNN ACC {plus['knn_acc']:.3f}, "
                       f"linear ACC {plus['linear_acc']:.3f}.")

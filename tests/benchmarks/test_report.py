@@ -1,0 +1,33 @@
+"""The README's figures come from results files: the renderer fills its blocks and sentences from them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import report
+
+
+def test_findings_are_filled_from_results_and_say_when_missing(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    text = "".join(f"a <!-- finding:{n} -->old<!-- /finding:{n} --> b\n" for n in report.FINDINGS)
+    out = report.fill_findings(text)
+    assert "old" not in out and out.count("not measured yet") + out.count("Not measured yet") == 3
+    (tmp_path / "dinomx_pointing.json").write_text(json.dumps({"conclusion": "Over 10 live seeds of 10, X."}))
+    (tmp_path / "dinomx_vs_lightly.json").write_text(json.dumps({"target_speed_vs_lightly": 1.5, "runs": [
+        {"autocast_dtype": "float32", "target": {"wall": 1.13, "cpu": 1.22, "best_side": "dinomx", "met": False}}]}))
+    out = report.fill_findings(out)
+    assert "What was found: Over 10 live seeds of 10, X." in out
+    assert "float32: 1.13x" in out and "target of 1.5x is not met" in out
+    assert report.fill_findings(out) == out  # idempotent: a rerun changes nothing
+
+
+def test_missing_marker_is_an_error():
+    with pytest.raises(SystemExit, match="finding:small-budget"):
+        report.fill_findings("no markers here")
+
+
+def test_render_reads_every_results_file_in_the_repo():
+    block = report.render()
+    assert block.startswith(report.START) and block.endswith(report.END)
