@@ -20,13 +20,14 @@ __version__ = "0.2.0"
 # public name -> the module that defines it
 _EXPORTS = {
     "NotBuiltError": "zoo.loading", "ZooModel": "zoo.loading", "load": "zoo.loading", "evaluate": "zoo.loading",
-    "load_backbone": "zoo.loading",
+    "load_backbone": "zoo.loading", "timm_kwargs": "zoo.loading", "register_timm_models": "zoo.timm_models",
     "ZooEntry": "zoo.registry", "get_entry": "zoo.registry", "list_models": "zoo.registry",
     "Prediction": "zoo.inference",
     "build": "zoo.api",
 }
 _SUBMODULES = ("anchors", "api", "backbones", "card", "cli", "data", "datasets", "demo", "explain", "hub", "images",
-               "inference", "loading", "maps", "metrics", "models", "registry", "store", "tasks")
+               "inference", "loading", "maps", "metrics", "models", "registry", "store", "tasks",
+               "timm_models")
 
 __all__ = sorted(_EXPORTS)
 

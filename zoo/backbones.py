@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from zoo.data import LUMA_WEIGHTS, Preprocess
 from zoo.registry import IMAGENET_MEAN, IMAGENET_STD
 
 POOLINGS = ("cls", "mean", "cls+mean")
@@ -335,17 +336,45 @@ class ViTBackbone(nn.Module):
 
 
 def save_backbone(model: nn.Module, path: str | os.PathLike, mean: tuple[float, ...], std: tuple[float, ...],
-                  image_size: int) -> Path:
-    """A transformers model (or a peft wrapper of one) saved as :meth:`ViTBackbone.save_pretrained` says."""
+                  image_size: int, resize: str = "bilinear") -> Path:
+    """A transformers model (or a peft wrapper of one) saved as :meth:`ViTBackbone.save_pretrained` says.
+
+    The ``preprocessor_config.json`` keeps the model's channel count (:meth:`zoo.data.Preprocess.hf_processor_config`).
+    """
     path = Path(path)
     model = unwrap_peft(merge_adapters(model))
     model.config.image_size = image_size
     model.save_pretrained(path, safe_serialization=True)
-    proc = {"image_processor_type": "BitImageProcessor", "do_resize": True, "size": {"height": image_size,
-            "width": image_size}, "do_center_crop": False, "do_rescale": True, "rescale_factor": 1 / 255,
-            "do_normalize": True, "image_mean": list(mean), "image_std": list(std), "do_convert_rgb": False}
-    (path / "preprocessor_config.json").write_text(json.dumps(proc, indent=2) + "\n")
+    prep = Preprocess(image_size, int(model.config.num_channels), tuple(mean), tuple(std), resize)
+    write_preprocessor_config(path, prep)
     return path
+
+
+def write_preprocessor_config(folder: str | os.PathLike, prep: Preprocess) -> Path:
+    """``<folder>/preprocessor_config.json`` for ``prep`` (``AutoImageProcessor.from_pretrained(folder)`` reads it)."""
+    p = Path(folder) / "preprocessor_config.json"
+    p.write_text(json.dumps(prep.hf_processor_config(), indent=2) + "\n")
+    return p
+
+
+@torch.no_grad()
+def fold_grey_patch_embedding(model: nn.Module) -> nn.Module:
+    """A 3-channel copy of a 1-channel ViT that computes exactly what the grey model computes on the luma.
+
+    transformers' pipelines convert every image to RGB before the image processor runs, so a 1-channel
+    model cannot be served by ``pipeline(...)`` as it is. The copy's patch filter for channel c is the grey
+    filter times the luma weight of c (:data:`zoo.data.LUMA_WEIGHTS`, summing to 1); with one mean/std for
+    all channels, a grey image replicated to RGB gives the grey model's output exactly, and an RGB image
+    that of its (unrounded) luma, which is the zoo's RGB -> grey rule (:func:`zoo.data.to_channels`).
+    """
+    if int(model.config.num_channels) != 1:
+        raise BackboneError(f"fold_grey_patch_embedding takes a 1-channel model, got {model.config.num_channels}")
+    model = copy.deepcopy(unwrap_peft(merge_adapters(model)))
+    adapt_channels(model, 3, "repeat")  # the shape and config; the weights are set below
+    _, _, conv = patch_embedding(model)
+    w = torch.tensor(LUMA_WEIGHTS, dtype=conv.weight.dtype, device=conv.weight.device).view(1, 3, 1, 1)
+    conv.weight.copy_(conv.weight[:, :1] * 3 * w)  # "repeat" scaled the grey filter by 1/3
+    return model
 
 
 def backbone_normalisation(source: str | os.PathLike, in_chans: int | None = None

@@ -17,6 +17,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -147,10 +148,35 @@ class Preprocess:
         return {"input_size": self.input_size, "in_chans": self.in_chans, "mean": list(self.mean),
                 "std": list(self.std), "resize": self.resize}
 
+    def timm_data_config(self) -> dict[str, Any]:
+        """This preprocessing in timm's words (the keys ``timm.data.resolve_data_config`` reads).
+
+        ``crop_pct`` 1.0: the whole image is resized to the input size, never cropped, as :func:`preprocess` does.
+        """
+        return {"input_size": (self.in_chans, self.input_size, self.input_size), "interpolation": self.resize,
+                "mean": self.mean, "std": self.std, "crop_pct": 1.0, "crop_mode": "center"}
+
+    def hf_processor_config(self) -> dict[str, Any]:
+        """This preprocessing as a transformers ``preprocessor_config.json`` (``BitImageProcessor``).
+
+        Resize to a square of the input size with the entry's resampling, no crop, rescale to [0, 1], normalise.
+        RGB conversion only for 3-channel models: a 1-channel model must keep a grey image grey (transformers'
+        pipelines convert every image to RGB first, so they need the 3-channel folder of
+        :func:`zoo.backbones.fold_grey_patch_embedding`).
+        """
+        return {"image_processor_type": "BitImageProcessor", "do_resize": True,
+                "size": {"height": self.input_size, "width": self.input_size},
+                "resample": PIL_RESAMPLE[self.resize], "do_center_crop": False, "do_rescale": True,
+                "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(self.mean),
+                "image_std": list(self.std), "do_convert_rgb": self.in_chans == 3}
+
 
 RESIZE_MODES = ("bilinear", "nearest")
+# Each resize mode as a PIL resampling filter (what transformers' image processors take); timm's names are ours.
+PIL_RESAMPLE = {"bilinear": 2, "nearest": 0}  # PIL.Image.Resampling.BILINEAR, .NEAREST
 # ITU-R 601-2 luma, as Pillow's RGB -> "L" conversion (16-bit fixed point, rounded), the one RGB -> grey rule.
 _LUMA = (19595, 38470, 7471)
+LUMA_WEIGHTS = tuple(v / 65536 for v in _LUMA)  # the same weights as floats (they sum to 1)
 
 
 def luma(x: torch.Tensor) -> torch.Tensor:
@@ -163,7 +189,7 @@ def luma(x: torch.Tensor) -> torch.Tensor:
     if x.dtype == torch.uint8:
         r, g, b = (x[:, i:i + 1].to(torch.int32) for i in range(3))
         return ((r * _LUMA[0] + g * _LUMA[1] + b * _LUMA[2] + 0x8000) >> 16).to(torch.uint8)
-    w = torch.tensor([v / 65536 for v in _LUMA], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    w = torch.tensor(LUMA_WEIGHTS, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x * w).sum(dim=1, keepdim=True)
 
 

@@ -27,6 +27,7 @@ from zoo.inference import EVAL_BATCH_SIZE, Prediction, logits_to_probs, make_pre
 from zoo.metrics import compute_metrics
 from zoo.models import EnsembleClassifier, LinearClassifier, create_student, embed
 from zoo.registry import ZooEntry, get_entry
+from zoo.timm_models import pretrained_cfg, set_pretrained_cfg, timm_arch
 
 
 class NotBuiltError(FileNotFoundError):
@@ -179,7 +180,7 @@ def build_net(entry: ZooEntry, cfg: dict[str, Any], d: Path | None = None) -> nn
             net = create_student(entry.arch, entry.num_outputs, entry.in_chans, small_stem)
         if d is not None:
             net.load_state_dict(_load_weights(d / "model.safetensors"), strict=True)
-        return net
+        return set_pretrained_cfg(net, entry)  # timm's data helpers then read the entry's preprocessing
     if entry.method == "dinomx":
         raise ValueError(f"{entry.name} is a pretrained backbone, not a classifier: load it with "
                          f"zoo.load_backbone({entry.name!r}), or use it as a MedAlmighty teacher "
@@ -239,6 +240,27 @@ def load_backbone(name_or_path: str | os.PathLike, pooling: str = "cls") -> tupl
         raise ValueError(f"{entry.name} is a {entry.method} entry with no ViT backbone; give a dinomx-*, linear-* "
                          "entry or a transformers model directory")
     return ViTBackbone.from_pretrained(r.dir / "backbone", pooling=pooling), entry.preprocess
+
+
+def timm_kwargs(name_or_path: str | os.PathLike) -> dict[str, Any]:
+    """``timm.create_model(**timm_kwargs(name))``: a built student entry's weights loaded by timm alone.
+
+    The weights file is checked against its recorded sha256 first; its ``pretrained_cfg`` is the entry's
+    (:func:`zoo.timm_models.pretrained_cfg`). Small-stem students need ``zoo.register_timm_models()`` first.
+    """
+    r = resolve(name_or_path)
+    if r.kind != "entry":
+        raise ValueError(f"{r.dir} is a transformers model directory, not a zoo student entry")
+    _, entry = _verified(r.dir)
+    arch = timm_arch(entry)
+    if arch is None or entry.method == "ensemble":
+        raise ValueError(f"{entry.name} is not a single timm student ({entry.method}, {entry.arch}); load it with "
+                         "zoo.load")
+    # timm sets architecture and tag from the model name it is given
+    overlay = {k: v for k, v in pretrained_cfg(entry).items() if k not in ("architecture", "tag")}
+    overlay["file"] = str(r.dir / "model.safetensors")
+    return {"model_name": arch, "pretrained": True, "pretrained_cfg_overlay": overlay,
+            "num_classes": entry.num_outputs, "in_chans": entry.in_chans}
 
 
 def backbone_dir(name_or_path: str | os.PathLike) -> Path | None:

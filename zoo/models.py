@@ -15,6 +15,7 @@ place, :mod:`zoo.maps`.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 
 import timm
@@ -79,6 +80,51 @@ class LinearClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
+
+
+# transformers' classifiers that read concat(CLS, mean of patch tokens), as LinearClassifier with cls+mean pooling
+HF_CLASSIFIERS = {"dinov2": "Dinov2ForImageClassification",
+                  "dinov2_with_registers": "Dinov2WithRegistersForImageClassification"}
+
+
+@torch.no_grad()
+def to_hf_classifier(net: LinearClassifier, labels: tuple[str, ...], task: str) -> nn.Module:
+    """``net`` as the transformers classifier that computes the same logits, for ``pipeline("image-classification")``.
+
+    A binary task's one logit z becomes two, ``[0, z]``, so transformers' softmax equals the zoo's sigmoid(z);
+    multi-label tasks are marked ``multi_label_classification`` (sigmoid per label). A 1-channel backbone is
+    folded into 3 channels (:func:`zoo.backbones.fold_grey_patch_embedding`), since pipelines feed RGB.
+
+    Raises:
+        ValueError: the backbone has no transformers classifier of this head's pooling (only Dinov2, with or
+            without registers, with ``cls+mean`` pooling have one).
+    """
+    import transformers  # takes seconds to import: only when a folder is written
+
+    from zoo.backbones import fold_grey_patch_embedding, merge_adapters, unwrap_peft
+    from zoo.tasks import get_task
+
+    model = unwrap_peft(merge_adapters(net.backbone.model))  # LoRA merged, as for every export
+    kind = HF_CLASSIFIERS.get(model.config.model_type)
+    if kind is None or net.backbone.pooling != "cls+mean":
+        raise ValueError(f"no transformers classifier reads {net.backbone.pooling} features of a "
+                         f"{model.config.model_type} backbone (only cls+mean of {', '.join(HF_CLASSIFIERS)})")
+    if int(model.config.num_channels) == 1:
+        model = fold_grey_patch_embedding(model)
+    t = get_task(task)
+    w, b = net.head.weight.detach(), net.head.bias.detach()
+    if t.binary:  # [0, z]: softmax over two classes is sigmoid(z)
+        w, b = torch.cat([torch.zeros_like(w), w]), torch.cat([torch.zeros_like(b), b])
+    cfg = copy.deepcopy(model.config)
+    cfg.num_labels = len(labels)
+    cfg.id2label = dict(enumerate(labels))
+    cfg.label2id = {name: i for i, name in enumerate(labels)}
+    cfg.problem_type = "multi_label_classification" if t.multilabel else "single_label_classification"
+    hf = getattr(transformers, kind)(cfg).eval()
+    hf.base_model.load_state_dict(model.state_dict(), strict=True)
+    hf.classifier.weight.copy_(w)
+    hf.classifier.bias.copy_(b)
+    return hf
 
 
 class EnsembleClassifier(nn.Module):

@@ -127,7 +127,7 @@ def test_linear_entry_build(built_linear_breast, tiny_teacher_dir):
     d = built_linear_breast
     assert d.name == "linear-dinov2-vits14-breastmnist"
     cfg, metrics = _read(d)
-    assert set(cfg["sha256"]) == {"model.safetensors", "backbone/model.safetensors"}
+    assert set(cfg["sha256"]) == {"model.safetensors", "backbone/model.safetensors", "hf/model.safetensors"}
     assert (d / "backbone" / "config.json").is_file()
     e = cfg["entry"]
     # The entry keeps its registered teacher (the hub id); the local copy it was built from is in the lineage.

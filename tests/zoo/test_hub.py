@@ -202,7 +202,7 @@ def test_push_uploads_the_entry_folder_with_the_hub_card(built_resnet18_breast, 
     assert up["commit_message"] == (f"Upload {NAME} (medzoo {zoo.__version__}): test ACC {metrics['test']['acc']:.4f} "
                                     f"AUC {metrics['test']['auc']:.4f}")
     want = sorted(["README.md", "config.json", "config.yaml", "metrics.json", "model.safetensors",
-                   "export/onnx-int8/export.json", "export/onnx-int8/model.onnx"])
+                   "preprocessor_config.json", "export/onnx-int8/export.json", "export/onnx-int8/model.onnx"])
     assert sorted(rec.uploaded) == res.files == want
     for f in want[1:]:  # the entry's own bytes, untouched
         assert rec.uploaded[f] == (d / f).read_bytes()

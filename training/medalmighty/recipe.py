@@ -208,6 +208,7 @@ def run(raw: dict[str, Any], out: Path | None, entry: ZooEntry | None = None, pr
         history, best_epoch = res.history, res.best_epoch
         lineage["probe_val"] = teachers[0].probe.fit.best_val if teachers[0].probe else None
         res.model.backbone.model.save_pretrained(out / "backbone", safe_serialization=True)
+        net = res.model
         save_file({k: v.detach().contiguous() for k, v in res.model.head.state_dict().items()},
                   out / "model.safetensors")
     elif cfg.method == "ensemble":
@@ -227,7 +228,8 @@ def run(raw: dict[str, Any], out: Path | None, entry: ZooEntry | None = None, pr
             save_file({k: v.contiguous() for k, v in teachers[0].head.state_dict().items()},
                       out / "teacher_head.safetensors")
 
-    config = write_config(out, entry, raw, lineage)
+    # a probe's classifier is also written as a transformers one (training.outputs.write_native)
+    config = write_config(out, entry, raw, lineage, net=net if cfg.method in PROBE_METHODS else None)
     # The card's figures come from the saved files through the user's path: load + predict.
     model = load(out)
     results = {s: evaluate(model, s) for s in ("val", "test")}

@@ -117,6 +117,9 @@ def test_dinomx_entry_builds_and_teaches_a_medalmighty_student(tmp_path):
           "crops.local_number=1", "log.progress=false", "eval.linear=false", "data.download=false"]
     d = build(name, ov, progress=False)
     assert (d / "backbone" / "config.json").is_file() and json.loads((d / "config.json").read_text())["entry"]
+    # backbone/ keeps the grey model; hf/ is its 3-channel fold for transformers' pipelines (write_native)
+    assert json.loads((d / "hf" / "config.json").read_text())["num_channels"] == 3
+    assert json.loads((d / "backbone" / "preprocessor_config.json").read_text())["image_mean"] == [0.5]
     with pytest.raises(ValueError, match="pretrained backbone, not a classifier"):
         load(name)
     bb, prep = load_backbone(name)
