@@ -181,7 +181,8 @@ def test_info_built_json_lists_files_with_sizes(built_resnet18_breast, capsys):
     assert info["entry"] == cfg["entry"] and info["lineage"] == cfg["lineage"]
     assert info["metrics"] == json.loads((d / "metrics.json").read_text())
     files = {f["path"]: f for f in info["files"]}
-    assert set(files) == {"model.safetensors", "config.json", "config.yaml", "metrics.json", "README.md"}
+    assert set(files) == {"model.safetensors", "config.json", "config.yaml", "metrics.json", "README.md",
+                          "preprocessor_config.json"}
     assert files["model.safetensors"]["bytes"] == (d / "model.safetensors").stat().st_size
     assert files["model.safetensors"]["sha256"] == store_sha256(d / "model.safetensors")
 
@@ -353,8 +354,9 @@ def test_push_dry_run_from_the_command_line(built_resnet18_breast, tmp_path, cap
     out = tmp_path / "dry"
     assert main(["push", "baseline-resnet18-breastmnist", "org/breast", "--dry-run", str(out)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[:-1] == ["README.md", "config.json", "config.yaml", "metrics.json", "model.safetensors"]
-    assert lines[-1] == f"dry run: 5 files for org/breast@main written to {out}; nothing uploaded"
+    assert lines[:-1] == ["README.md", "config.json", "config.yaml", "metrics.json", "model.safetensors",
+                          "preprocessor_config.json"]
+    assert lines[-1] == f"dry run: 6 files for org/breast@main written to {out}; nothing uploaded"
     assert metadata_load(out / "README.md")["license"] == "cc-by-4.0"
     assert main(["push", "baseline-resnet18-breastmnist", "not a repo", "--dry-run", str(tmp_path / "x")]) == 2
     _check_error(capsys.readouterr().err, "is not a Hugging Face Hub repo id")
