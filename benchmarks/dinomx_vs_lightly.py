@@ -8,7 +8,8 @@ linear teacher-temperature warm-up.
 
 - **DINO-MX**: ``training.dinomx.recipe.Pretraining`` with the ``dinomx/dino.yaml`` preset (DINO loss
   with centering; no iBOT, KoLeo or Gram), one step of its training loop per step. Its backbone
-  runs through :mod:`training.dinomx.fused` (one QKV matmul and fused attention per block, and in
+  runs through :mod:`training.dinomx.fused` (one QKV matmul per block, fused attention on CUDA and
+  the explicit form on the CPU, and in
   the last block only the CLS row, the one token the DINO loss reads: the same weights and math as
   the transformers forward, to rounding), global and local crops in one batch each, the DINO head
   once on all of them. ``--compile`` adds a row of the same step under ``torch.compile``
@@ -381,7 +382,8 @@ def markdown(runs: list[dict[str, Any]]) -> str:
               "both run the teacher on the global crops only. lightly's side follows its DINO example (each view "
               "forwarded separately through the transformers module). DINO-MX forwards the globals and the locals in "
               "one batch each, runs the DINO head once, and trains the backbone through its fused forward "
-              "(`training/dinomx/fused.py`: one QKV matmul and fused attention per block, and only the CLS row in the "
+              "(`training/dinomx/fused.py`: one QKV matmul per block, fused attention on CUDA and the explicit "
+              "form on the CPU, and only the CLS row in the "
               "last block, since the DINO loss reads nothing else; same math, to rounding). The `lightly DINO (fused "
               "backbone)` row (if present) gives lightly that same forward: what remains between it and DINO-MX is "
               "the trainer. The compiled row adds `torch.compile` (compilation excluded, in the warm-up). The DINOv2 "

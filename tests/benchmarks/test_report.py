@@ -14,7 +14,8 @@ def test_findings_are_filled_from_results_and_say_when_missing(tmp_path, monkeyp
     text = "".join(f"a <!-- finding:{n} -->old<!-- /finding:{n} --> b\n" for n in report.FINDINGS)
     out = report.fill_findings(text)
     assert "old" not in out and out.count("not measured yet") + out.count("Not measured yet") == 3
-    (tmp_path / "dinomx_pointing.json").write_text(json.dumps({"conclusion": "Over 10 live seeds of 10, X.", "seeds": []}))
+    pointing = {"conclusion": "Over 10 live seeds of 10, X.", "seeds": []}
+    (tmp_path / "dinomx_pointing.json").write_text(json.dumps(pointing))
     (tmp_path / "dinomx_vs_lightly.json").write_text(json.dumps({"target_speed_vs_lightly": 1.5, "runs": [
         {"autocast_dtype": "float32", "target": {"wall": 1.13, "cpu": 1.22, "best_side": "dinomx", "met": False}}]}))
     out = report.fill_findings(out)
