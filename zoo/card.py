@@ -30,6 +30,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import zoo.store as store
 from zoo.registry import ZooEntry
 
 HUB_DATASET = "albertvillanova/medmnist-v2"
@@ -153,7 +154,7 @@ def folder_facts(folder: Path, config: dict[str, Any] | None = None) -> dict[str
     exports = []
     for d in sorted(p for p in (folder / "export").glob("*") if p.is_dir()):
         bundle = [f for f in files if f["path"].startswith(f"export/{d.name}/")]
-        rec = _read_json(d / "export.json")
+        rec = store.read_json_object(d / "export.json")
         acc = rec.get("accuracy") if isinstance(rec.get("accuracy"), dict) else {}
         exports.append({"format": str(rec.get("format", d.name)), "dir": f"export/{d.name}",
                         "bytes": sum(f["bytes"] for f in bundle), "files": len(bundle),
@@ -163,14 +164,6 @@ def folder_facts(folder: Path, config: dict[str, Any] | None = None) -> dict[str
     return {"files": files, "weights": weights, "parameters": params,
             "weights_bytes": sum(w["bytes"] for w in used), "exports": exports,
             "latency": {"format": fastest["format"], **fastest["latency"]} if fastest else None}
-
-
-def _read_json(p: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(p.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 # ----------------------------------------------------------------------------------------- front matter

@@ -72,7 +72,7 @@ def leaderboard_row(name: str) -> dict[str, Any]:
     d = store.entry_dir(name)
     cfg = store.read_config(d)
     e = cfg["entry"]
-    m = _read_json(d / "metrics.json")
+    m = store.read_json_object(d / "metrics.json")
     test, kind = m.get("test"), "test"
     if not isinstance(test, dict):  # a DINO-MX backbone: kNN on its own dataset's frozen features
         test, kind = (m.get("knn") or {}).get(e.get("dataset"), {}).get("test", {}), "knn-test"
@@ -121,14 +121,6 @@ def _f4(x: float | None) -> str:
     return "" if x is None else f"{x:.4f}"
 
 
-def _read_json(p: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(p.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _cmd_info(a) -> str:
     if hub.is_hub_ref(a.name):
         return _info_built(a, hub.fetch(a.name), [])
@@ -150,7 +142,7 @@ def _cmd_info(a) -> str:
 def _info_built(a, d: Path, others: list[str]) -> str:
     """A built entry as it is in the store: config.json's entry, lineage, metrics, files with sizes."""
     cfg = store.read_config(d)
-    m = _read_json(d / "metrics.json")
+    m = store.read_json_object(d / "metrics.json")
     facts = folder_facts(d, cfg)
     name = cfg["entry"].get("name", d.name)
     if a.json:
@@ -158,14 +150,14 @@ def _info_built(a, d: Path, others: list[str]) -> str:
                           "entry": cfg["entry"], "lineage": cfg.get("lineage") or {}, "metrics": m,
                           "parameters": facts["parameters"], "weights_bytes": facts["weights_bytes"],
                           "files": facts["files"], "exports": facts["exports"], "variants": others,
-                          "hub": _read_json(d / "hub.json") or None}))
+                          "hub": store.read_json_object(d / "hub.json") or None}))
         return f"{name}: built, card at {d / 'README.md'}"
     for k, v in cfg["entry"].items():
         print(f"{k:12s} {v}")
     if others:
         print(f"{'variants':12s} {', '.join(others)}")
     print(f"{'built':12s} {d} ({cfg.get('created')})")
-    hub = _read_json(d / "hub.json")
+    hub = store.read_json_object(d / "hub.json")
     if hub:
         print(f"{'from':12s} hf-hub:{hub.get('repo_id')}@{hub.get('revision')} (commit {hub.get('commit')})")
     for k, v in (cfg.get("lineage") or {}).items():

@@ -119,6 +119,16 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
         raise
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``, or ``{}`` when it is missing, unreadable or not an object (optional files:
+    a folder's metrics, export receipt or hub record, shown when present)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     """``obj`` as indented JSON at ``path``, written with :func:`write_atomic`."""
     write_atomic(path, lambda p: p.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n"))
