@@ -196,12 +196,7 @@ def push(folder: Path, repo_id: str, revision: str | None = None, private: bool 
     """
     check_repo_id(repo_id)
     folder = Path(folder)
-    cfg = store.read_config(folder)
-    store.verify(folder, cfg["sha256"])
-    try:
-        entry = ZooEntry.from_dict(cfg["entry"])
-    except ValueError as e:
-        raise store.WeightsCorruptedError(f"{folder / 'config.json'}: {e}; rebuild the entry") from None
+    cfg, entry = store.verified_entry(folder)
     metrics = _read_metrics(folder)
     message = commit_message or _commit_message(entry, metrics)
     card = render_card(entry, cfg, metrics, folder=folder, repo_id=repo_id)

@@ -154,17 +154,6 @@ def read_config(d: Path) -> dict[str, Any]:
     return store.read_config(d)
 
 
-def _verified(d: Path) -> tuple[dict[str, Any], ZooEntry]:
-    """(config.json, entry) of a built folder whose weight files all match their recorded sha256."""
-    info = store.read_config(d)
-    store.verify(d, info["sha256"])
-    try:
-        entry = ZooEntry.from_dict(info["entry"])
-    except ValueError as e:
-        raise store.WeightsCorruptedError(f"{d / 'config.json'}: {e}; delete {d} and rebuild the entry") from None
-    return info, entry
-
-
 # ----------------------------------------------------------------------------------------- loading
 
 
@@ -210,7 +199,7 @@ def load(name: str | os.PathLike, device: str | torch.device = "cpu") -> ZooMode
     if r.kind != "entry":
         raise ValueError(f"{r.dir} is a transformers model directory, not a zoo entry: load it with "
                          "zoo.load_backbone")
-    info, entry = _verified(r.dir)
+    info, entry = store.verified_entry(r.dir)
     try:
         net = build_net(entry, info.get("config", {}), r.dir)
     except RuntimeError as e:  # load_state_dict: missing, unexpected or mis-shaped tensors
@@ -235,7 +224,7 @@ def load_backbone(name_or_path: str | os.PathLike, pooling: str = "cls") -> tupl
         mean, std = backbone_normalisation(r.dir, bb.in_chans)
         size = int(getattr(bb.model.config, "image_size", 224) or 224)
         return bb, Preprocess(size, bb.in_chans, tuple(mean), tuple(std), "bilinear")
-    _, entry = _verified(r.dir)
+    _, entry = store.verified_entry(r.dir)
     if not (r.dir / "backbone" / "config.json").is_file():
         raise ValueError(f"{entry.name} is a {entry.method} entry with no ViT backbone; give a dinomx-*, linear-* "
                          "entry or a transformers model directory")
@@ -251,7 +240,7 @@ def timm_kwargs(name_or_path: str | os.PathLike) -> dict[str, Any]:
     r = resolve(name_or_path)
     if r.kind != "entry":
         raise ValueError(f"{r.dir} is a transformers model directory, not a zoo student entry")
-    _, entry = _verified(r.dir)
+    _, entry = store.verified_entry(r.dir)
     arch = timm_arch(entry)
     if arch is None or entry.method == "ensemble":
         raise ValueError(f"{entry.name} is not a single timm student ({entry.method}, {entry.arch}); load it with "

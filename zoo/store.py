@@ -43,6 +43,8 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
+from zoo.registry import ZooEntry
+
 if TYPE_CHECKING:
     from torch import Tensor
 
@@ -490,6 +492,18 @@ def verify(d: Path, recorded: object) -> None:
                 f"{name}: sha256 mismatch for {p} (expected {want[key][:12]}..., got {got[:12]}...): the file is "
                 f"corrupted or was changed; {fix}"
             )
+
+
+def verified_entry(d: Path) -> tuple[dict[str, Any], ZooEntry]:
+    """(config.json, entry) of a built folder whose weight files all match their recorded sha256; an entry
+    that does not parse is a one-line :class:`WeightsCorruptedError` (load, backbone load and push read it so)."""
+    info = read_config(d)
+    verify(d, info["sha256"])
+    try:
+        entry = ZooEntry.from_dict(info["entry"])
+    except ValueError as e:
+        raise WeightsCorruptedError(f"{d / 'config.json'}: {e}; delete {d} and rebuild the entry") from None
+    return info, entry
 
 
 def _entry_of(path: Path) -> Path:
