@@ -51,8 +51,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -62,6 +60,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.host import host
 from zoo import store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -365,7 +364,6 @@ def run_benchmark(a: argparse.Namespace) -> dict[str, Any]:
     live_rows = [r for r in rows if r["alive"]]
     effects = {m: paired([r["difference"][m] for r in live_rows]) for m in METRICS}
     cfg = run_config(Path("<init>"), 0.0, a.seeds[0], a)
-    import transformers
 
     return {
         "task": {"image_size": a.size, "train_images": a.train, "val_images": a.val, "test_images": a.test,
@@ -396,10 +394,7 @@ def run_benchmark(a: argparse.Namespace) -> dict[str, Any]:
         "conclusion": conclusion(effects, len(rows), a.guided),
         "seeds": rows,
         "wall_s": round(time.perf_counter() - t_start, 1),
-        "host": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                 "loadavg_1min_end": round(os.getloadavg()[0], 2), "machine": platform.machine(),
-                 "python": platform.python_version(), "torch": torch.__version__,
-                 "transformers": transformers.__version__},
+        "host": host("transformers"),
     }
 
 

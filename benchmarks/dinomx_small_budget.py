@@ -25,11 +25,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 from pathlib import Path
 from typing import Any
 
+from benchmarks.host import host
 from zoo import store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,9 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rows.append(row)
             print(f"{flag} {setting}: {row['verdict']}; kNN test acc {row['knn_test_acc']} "
                   f"(majority {row['majority_rate']:.3f})", flush=True)
-    r = {"rows": rows, "host": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                                "loadavg_1min_end": round(os.getloadavg()[0], 2), "machine": platform.machine(),
-                                "torch": torch.__version__}}
+    r = {"rows": rows, "host": host("transformers")}
     out = Path(a.out)
     store.write_json_atomic(out.with_suffix(".json"), r)
     store.write_atomic(out.with_suffix(".md"), lambda p: p.write_text(markdown(r)))

@@ -29,13 +29,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from benchmarks.host import host
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "dinomx_strategies"
@@ -223,16 +224,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{s:7s} backbone trainable {x['backbone_trainable']:>10,} / {x['backbone_total']:,}, student trainable "
               f"{x['student_trainable']:,}, peak {x['peak_memory_mb']:.0f} MB, {x['median_step_s']:.3f} s/step",
               flush=True)
-    import torch
-    import transformers
 
     r = {"backbone": a.backbone, "preset": a.preset, "data": a.data, "batch": a.batch, "steps": a.steps,
          "freeze_blocks": a.freeze_blocks, "lora_r": a.lora_r, "threads": a.threads, "overrides": a.overrides,
          "rows": rows}
     r.update(summarise(rows, a.min_lora_ratio))
     r["wall_s"] = round(time.perf_counter() - t0, 1)
-    r["host"] = {"cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
-                 "torch": torch.__version__, "transformers": transformers.__version__}
+    r["host"] = host("transformers")
     from zoo import store
 
     out = Path(a.out)

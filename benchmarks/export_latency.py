@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -30,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.host import host
 from export import to_onnx
 from export.onnx_export import session
 from zoo import store
@@ -146,8 +145,7 @@ def main() -> None:
 
     names = a.accuracy if a.accuracy is not None else [n for n in list_models("baseline-resnet18-*")
                                                         if store.is_built(n)]
-    res = {"latency": [], "accuracy": [], "host": {"cpu_count": os.cpu_count(), "machine": platform.machine(),
-                                                     "python": platform.python_version(), "torch": torch.__version__}}
+    res = {"latency": [], "accuracy": [], "host": host("onnxruntime")}
     with tempfile.TemporaryDirectory(prefix="export-bench-") as work:
         for case in a.cases:
             r = latency(case, a.threads, a.runs, Path(work), a.max_images, a.calib)

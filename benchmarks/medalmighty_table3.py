@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import platform
 import tempfile
 import time
 from collections.abc import Callable
@@ -39,6 +37,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.host import host
 from zoo import store
 from zoo.api import ZooModel
 from zoo.backbones import ViTBackbone, count_parameters, create_model
@@ -161,7 +160,7 @@ def main() -> None:
     command = "python -m benchmarks.medalmighty_table3" + (f" --dataset {a.dataset}" if a.dataset != "breastmnist"
                                                            else "") + (" --no-export" if a.no_export else "")
     res = {"dataset": a.dataset, "command": command, "rows": [],
-           "host": {"cpu_count": os.cpu_count(), "machine": platform.machine(), "torch": torch.__version__}}
+           "host": host()}
     with tempfile.TemporaryDirectory(prefix="table3-") as work:
         for label in a.models:
             r = measure(CASES[label], a.dataset, Path(work), not a.no_export, a.max_images, a.calib)

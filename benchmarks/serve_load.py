@@ -43,7 +43,6 @@ import gc
 import io
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -52,6 +51,7 @@ from pathlib import Path
 import numpy as np
 
 import zoo.store as store
+from benchmarks.host import host
 from export.formats import FORMATS, SERVABLE, servable_for_precision
 from serving.local import LocalServer
 
@@ -519,8 +519,6 @@ def main() -> None:
            "server_cpu_ms_per_request": round((cpu1 - cpu0) / (sat["requests"] + sum(p["requests"] for p in paced))
                                               * 1e3, 3)}
     thr = sat["throughput_rps"]
-    import onnxruntime
-    import torch
 
     model = listing["models"][0]
     labels_from = ("`zoo.load(...).predict`" if a.precision == "fp32" else
@@ -545,9 +543,8 @@ def main() -> None:
                  "total": rss_summary(sampler.samples, "total_mb")},
          "rss_series": sampler.samples,
          "large_images": large,
-         "host": {"cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
-                  "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
-                  "loadavg_before": [round(v, 2) for v in load0], "loadavg_after": [round(v, 2) for v in load1]},
+         "host": host("onnxruntime", loadavg_before=[round(v, 2) for v in load0],
+                      loadavg_after=[round(v, 2) for v in load1]),
          "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     out = Path(a.out)
     store.write_json_atomic(out.with_suffix(".json"), r)

@@ -17,13 +17,15 @@ TINY_HEAD = ["head.out_dim=64", "head.hidden_dim=32", "head.bottleneck_dim=16"]
 def test_tiny_run_writes_rows_and_ratios(tmp_path):
     out = tmp_path / "vs_lightly"
     res = bench.main(["--backbone", "vit-test", "--data", "random", "--images", "16", "--batch", "8", "--steps", "2",
-                      "--warmup", "1", "--dinov2", "--lightly-fused", "--amp", "none", "bf16", "--out", str(out),
+                      "--warmup", "1", "--dinov2", "--lightly-fused", "--stream", "--amp", "none", "bf16",
+                      "--out", str(out),
                       *TINY_HEAD])
     assert [r["precision"] for r in res["runs"]] == ["none", "bf16"]
     assert [r["autocast_dtype"] for r in res["runs"]] == ["float32", "torch.bfloat16"]
     for r in res["runs"]:
         sides = [row["side"] for row in r["rows"]]
-        assert sides == ["dinomx (DINO preset)", "lightly DINO", "lightly DINO (fused backbone)",
+        stream = ["dinomx (DINO preset, bf16 stream)"] if r["precision"] == "bf16" else []  # bf16 runs only
+        assert sides == ["dinomx (DINO preset)", *stream, "lightly DINO", "lightly DINO (fused backbone)",
                          "dinomx (DINOv2 preset)"]
         for row in r["rows"]:
             assert len(row["step_times_s"]) == 2
@@ -34,7 +36,9 @@ def test_tiny_run_writes_rows_and_ratios(tmp_path):
         # Same backbone and head sizes on both DINO sides: the same number of trainable parameters.
         assert r["same_trainable_parameters"] is True
         assert r["crops"] == {"global": [2, 28], "local": [6, 12]}
-        assert r["target"]["best_side"] == "dinomx (DINO preset)" and isinstance(r["target"]["met"], bool)
+        assert r["target"]["best_side"] in ("dinomx (DINO preset)", *stream)
+        assert isinstance(r["target"]["met"], bool)
+        assert r["target"]["autocast_only"]["best_side"] == "dinomx (DINO preset)"
     assert json.loads(out.with_suffix(".json").read_text())["runs"][0]["rows"][1]["side"] == "lightly DINO"
     md = out.with_suffix(".md").read_text()
     assert "| lightly DINO |" in md and "excluded from both" in md and "**float32**" in md and "bfloat16" in md

@@ -173,6 +173,7 @@ class OptimConfig:
     amp: Literal["none", "bf16", "auto"]
     compile: bool
     fused: bool
+    low_precision_stream: bool
 
     @property
     def peak_lr(self) -> float:

@@ -12,6 +12,14 @@ export need its attention maps) with three projections per block. Training needs
   Gram or feature distillation), the last block computes only what the CLS token needs: keys and
   values of every token, but the query, attention output, layer scale and MLP of the CLS row alone.
 
+With ``dtype`` (the autocast dtype, when ``optim.low_precision_stream`` asks for it) the residual
+stream itself is kept in that dtype: the embeddings' output is cast once, and the layer scales are
+applied in it, so layer norms, residual adds, layer scales and stochastic depth run in bf16 instead
+of going back to float32 between matmuls (under autocast, a float32 layer-scale parameter promotes
+every block's output to float32, and each next matmul casts it back). This is how DINOv2 computes
+its blocks (FSDP mixed precision with ``param_dtype=bf16``); master weights, gradients and the
+optimizer stay float32, and the softmax of attention still accumulates in float32.
+
 Everything else is the model's own modules, called as the transformers forward calls them
 (embeddings with the mask token and interpolated positions, layer norms, layer scales, the MLP or
 SwiGLU, stochastic depth with the same random draws in the same order, the final norm), so the
@@ -44,6 +52,9 @@ def supported(backbone: ViTBackbone) -> bool:
     for layer in layers:
         if not all(hasattr(layer, n) for n in need):
             return False
+        if not all(isinstance(getattr(getattr(layer, n), "lambda1", None), nn.Parameter)
+                   for n in ("layer_scale1", "layer_scale2")):
+            return False
         a = layer.attention
         if not all(type(getattr(a, n, None)) is nn.Linear for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
             return False
@@ -69,12 +80,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float,
     """
     if q.device.type == "cuda" or dropout > 0:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale)
-    w = torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1, dtype=torch.float32).to(v.dtype)
-    return w @ v
+    # The CPU softmax kernel accumulates bf16 / fp16 inputs in float32 and rounds once, as a float32
+    # softmax cast back would, without a float32 copy of the (B, h, T, T) weights and of their gradient.
+    w = torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1)
+    return w @ v.to(w.dtype)
+
+
+def _scale(layer_scale: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer_scale(x)`` in ``x``'s dtype (the float32 parameter would promote a bf16 ``x`` to float32)."""
+    return x * layer_scale.lambda1.to(x.dtype)
 
 
 def block(layer: nn.Module, h: torch.Tensor, cls_only: bool = False) -> torch.Tensor:
-    """One transformer block on tokens ``h`` (B, T, D); with ``cls_only`` returns the CLS row alone (B, 1, D)."""
+    """One transformer block on tokens ``h`` (B, T, D); with ``cls_only`` returns the CLS row alone (B, 1, D).
+
+    The output has ``h``'s dtype when ``h`` is not float32 (a low-precision residual stream).
+    """
     a = layer.attention
     b, t, d = h.shape
     heads = a.num_attention_heads
@@ -90,15 +111,23 @@ def block(layer: nn.Module, h: torch.Tensor, cls_only: bool = False) -> torch.Te
     p = a.attention_dropout if a.training else 0.0
     o = attention(q, k, v, p, a.scaling)
     o = a.o_proj(o.transpose(1, 2).reshape(b, -1, heads * hd))
-    h = layer.drop_path(layer.layer_scale1(o)) + residual
-    return layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(h)))) + h
+    if h.dtype == torch.float32:
+        h = layer.drop_path(layer.layer_scale1(o)) + residual
+        return layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(h)))) + h
+    h = layer.drop_path(_scale(layer.layer_scale1, o.to(h.dtype))) + residual
+    return layer.drop_path(_scale(layer.layer_scale2, layer.mlp(layer.norm2(h)).to(h.dtype))) + h
 
 
-def encode(backbone: ViTBackbone, x: torch.Tensor, masks: torch.Tensor | None = None, patches: bool = True
-           ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``ViTBackbone.encode`` through fused blocks: cls (B, D) and patches (B, N, D), or None when not ``patches``."""
+def encode(backbone: ViTBackbone, x: torch.Tensor, masks: torch.Tensor | None = None, patches: bool = True,
+           dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``ViTBackbone.encode`` through fused blocks: cls (B, D) and patches (B, N, D), or None when not ``patches``.
+
+    ``dtype``: keep the residual stream in this dtype (see the module doc); None keeps the model's.
+    """
     model = backbone.model
     h = model.embeddings(x, bool_masked_pos=masks)
+    if dtype is not None:
+        h = h.to(dtype)
     layers = model.encoder.layer
     for i, layer in enumerate(layers):
         h = block(layer, h, cls_only=not patches and i == len(layers) - 1)

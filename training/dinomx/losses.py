@@ -120,17 +120,20 @@ class DINOLoss(_TeacherTargets):
     """
 
     def forward(self, student: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
-        logp = F.log_softmax(student.float() / self.student_temp, dim=-1)  # (S, B, K)
-        total, terms = student.new_zeros((), dtype=torch.float32), 0
-        for i in range(teacher_probs.shape[0]):
-            for j in range(logp.shape[0]):
-                if i == j:
-                    continue
-                total = total - (teacher_probs[i] * logp[j]).sum(dim=-1).mean()
-                terms += 1
+        s_crops, t_crops = student.shape[0], teacher_probs.shape[0]
+        terms = t_crops * s_crops - min(t_crops, s_crops)
         if terms == 0:
             raise ValueError("DINO loss needs at least two crops (2 global crops, or local crops)")
-        return total / terms
+        logp = F.log_softmax(student.float() / self.student_temp, dim=-1)  # (S, B, K)
+        # The double sum over pairs, regrouped per student crop: crop j is scored against the sum of
+        # the teacher targets of every crop but itself. One pass over (S, B, K) instead of one per pair
+        # (whose indexing backward also wrote a zero (S, B, K) gradient per pair).
+        p = teacher_probs.float()
+        q = p.sum(0).expand(s_crops, -1, -1)
+        n = min(t_crops, s_crops)
+        if n:
+            q = torch.cat([q[:n] - p[:n], q[n:]])
+        return -(q * logp).sum(dim=-1).mean(dim=-1).sum() / terms
 
 
 class IBOTPatchLoss(_TeacherTargets):

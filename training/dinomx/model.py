@@ -29,8 +29,9 @@ class SSLModel(nn.Module):
     feature distillation.
 
     Attributes set by the task: ``need_patches`` (a loss reads the global crops' patch tokens;
-    the local crops' are never read) and ``fused`` (run the backbone through
-    :func:`training.dinomx.fused.encode`). The DINO head runs once on the global and local CLS
+    the local crops' are never read), ``fused`` (run the backbone through
+    :func:`training.dinomx.fused.encode`) and ``stream_dtype`` (that forward's residual
+    stream in bf16). The DINO head runs once on the global and local CLS
     tokens together.
     """
 
@@ -45,13 +46,14 @@ class SSLModel(nn.Module):
         self.projector = nn.Linear(d, distill_dim) if distill_dim else None
         self.need_patches = True
         self.fused = False
+        self.stream_dtype: torch.dtype | None = None  # fused path only: optim.low_precision_stream
 
     def encode(self, x: torch.Tensor, masks: torch.Tensor | None = None, patches: bool = True
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Backbone CLS (B, D) and patch tokens (B, N, D), or None when not ``patches`` (the fused path
         then skips the last block's patch rows)."""
         if self.fused:
-            return fused.encode(self.encoder, x, masks, patches)
+            return fused.encode(self.encoder, x, masks, patches, self.stream_dtype)
         cls, p = self.encoder.encode(x, masks)
         return cls, (p if patches else None)
 

@@ -118,6 +118,9 @@ class DinoTask:
         self.student.need_patches = cfg.ibot.loss_weight > 0 or cfg.gram.loss_weight > 0 or feature
         self.teacher_patches = (cfg.ibot.loss_weight > 0 and self.dino_targets) or feature
         self.student.fused = self._fused(encoder)
+        amp = amp_dtype(o.amp, env.device)
+        if o.low_precision_stream and self.student.fused and amp is not None:
+            self.student.stream_dtype = amp  # the teacher, a copy, inherits it
         self.teacher = self.distill_teacher if self.distill_teacher is not None else copy.deepcopy(self.student)
         self.teacher.requires_grad_(False).eval()
         self.gram_anchor: SSLModel | None = None

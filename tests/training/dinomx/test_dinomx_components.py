@@ -74,6 +74,23 @@ def test_dino_loss_matches_formula_and_updates_center():
     assert torch.allclose(loss.center, 0.9 * center0 + 0.1 * teacher.reshape(-1, 10).mean(0, keepdim=True), atol=1e-6)
 
 
+@pytest.mark.parametrize("s_crops,t_crops", [(8, 2), (2, 2), (1, 2), (3, 1)])
+def test_dino_loss_regrouped_sum_equals_the_pair_loop_in_value_and_gradient(s_crops, t_crops):
+    """The loss sums over student crops against summed teacher targets: the pair loop's value and gradient."""
+    torch.manual_seed(s_crops * 10 + t_crops)
+    loss = DINOLoss(16, student_temp=0.1)
+    student = torch.randn(s_crops, 3, 16, requires_grad=True)
+    teacher = torch.randn(t_crops, 3, 16)
+    probs = loss.teacher_probs(teacher, 0.04)
+    got = loss(student, probs)
+    (g_got,) = torch.autograd.grad(got, student)
+    s2 = student.detach().clone().requires_grad_(True)
+    want = _dino_reference(s2, teacher, torch.zeros(1, 16), 0.1, 0.04)
+    (g_want,) = torch.autograd.grad(want, s2)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert torch.allclose(g_got, g_want, atol=1e-7)
+
+
 def test_dino_loss_needs_two_crops_and_valid_centering():
     with pytest.raises(ValueError, match="centering"):
         DINOLoss(4, centering="mean")
@@ -492,6 +509,31 @@ def test_fused_forward_equals_the_transformers_forward(name):
             assert a is None or not a.any(), n
         else:
             torch.testing.assert_close(a, b, atol=1e-4 * float(b.abs().max()) + 1e-6, rtol=1e-4, msg=n)
+
+
+def test_fused_bf16_stream_stays_in_bf16_and_near_the_autocast_forward():
+    """optim.low_precision_stream: the residual stream and the output in bf16, within bf16 rounding of the
+    autocast forward, gradients in float32 on the float32 parameters; off, autocast's float32 stream."""
+    from training.dinomx import fused
+
+    torch.manual_seed(0)
+    enc = ViTBackbone(create_model("vit-test", in_chans=1, drop_path=0.0), pooling="cls")
+    x = torch.randn(4, 1, 28, 28)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_cls, ref_p = fused.encode(enc, x)
+        cls, p = fused.encode(enc, x, dtype=torch.bfloat16)
+        only_cls, _ = fused.encode(enc, x, patches=False, dtype=torch.bfloat16)
+    assert ref_cls.dtype == torch.float32 and cls.dtype == torch.bfloat16 and p.dtype == torch.bfloat16
+    want = enc.encode(x)[0]
+    scale = float(want.abs().max())
+    for got in (cls, only_cls, ref_cls):
+        assert float((got.float() - want).abs().max()) < 0.05 * scale
+    torch.testing.assert_close(p.float(), ref_p.float(), atol=0.05 * float(ref_p.abs().max()), rtol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fused.encode(enc, x, patches=False, dtype=torch.bfloat16)[0].float().square().sum()
+    grads = torch.autograd.grad(loss, list(enc.parameters()), allow_unused=True)
+    assert all(g is None or g.dtype == torch.float32 for g in grads)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
 
 
 def test_fused_forward_draws_stochastic_depth_as_the_transformers_forward():

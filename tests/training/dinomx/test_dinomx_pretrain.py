@@ -50,6 +50,16 @@ def test_ema_teacher_follows_the_student_with_the_momentum(tmp_path):
     assert not any(p.requires_grad for p in pt.teacher.parameters())
 
 
+def test_low_precision_stream_runs_student_and_teacher_in_bf16_only_under_bf16(tmp_path):
+    on = Pretraining(tiny_cfg("optim.amp=bf16", "optim.low_precision_stream=true"))
+    assert on.task.student.stream_dtype == torch.bfloat16 and on.task.teacher.stream_dtype == torch.bfloat16
+    on.fit(None, progress=False, stop_after=2)
+    assert all(np.isfinite(h["loss"]) for h in on.history)
+    assert all(p.dtype == torch.float32 for p in on.student.parameters())  # master weights stay float32
+    off = Pretraining(tiny_cfg("optim.amp=none", "optim.low_precision_stream=true"))
+    assert off.task.student.stream_dtype is None  # nothing to keep in low precision without autocast
+
+
 def test_unknown_keys_and_small_data_are_clear_errors():
     with pytest.raises(ConfigError, match="unknown config key"):
         tiny_cfg("optim.learning_rate=1")
