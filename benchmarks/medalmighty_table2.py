@@ -251,6 +251,7 @@ class Runner:
             "seed": seed, "entry": name, "folder": str(d), "config_files": list(m.config_files),
             "overrides": overrides, "val": knn["val"], "test": knn["test"], "knn": metrics["knn"],
             "linear": metrics.get("linear"), "eval": metrics.get("eval"), "report": metrics.get("report"),
+            "collapse": metrics.get("collapse"),  # the collapse monitor's verdict: a collapsed backbone is no teacher
             "train_time_s": (metrics.get("report") or {}).get("train_seconds"),
             "wall_time_s": round(time.perf_counter() - t0, 1), "task": metrics.get("task"),
             "commit": _commit(), "torch_threads": _threads(), "machine": platform.machine(),
@@ -416,6 +417,9 @@ def _dataset_table(arch: str, flag: str, rows: dict, lines: list[str]) -> dict:
                                                    else [r.get("teacher_gate")]) if g]
         gate = ("—" if not gates else "stronger" if all(g["stronger"] for g in gates)
                 else f"weaker than {gates[0]['reference']} ({sum(not g['stronger'] for g in gates)}/{len(gates)})")
+        verdicts = [r["collapse"]["collapsed"] for r in runs.values() if isinstance(r.get("collapse"), dict)]
+        if verdicts:  # a DINO-MX backbone: whether its objective stayed alive (training/dinomx/monitor.py)
+            gate = "collapsed" if any(verdicts) else "objective alive"
         cmp = paired(runs, rows.get((arch, flag, plain), {}), labels) if plain else None
         ds["methods"][key] = {"label": label, "acc": acc, "auc": auc, "val_auc": vauc, "seeds": sorted(runs),
                               "teacher_test_acc": _ms(tacc) if tacc else None, "teacher_check": gate, "vs": plain,

@@ -64,7 +64,9 @@ def test_paired_differences_and_intervals_follow_their_formulas(runs, tmp_path):
     assert 0 <= lo <= d.mean() <= hi  # never worse per image: the bootstrap cannot go below 0
     assert p["auc"]["mean"] == pytest.approx(0.02)
 
-    for r in [*plain.values(), *kd.values()]:
+    backbone = _row("dinomx", 0, rng.random(n) < 0.7, labels, 0.7)
+    backbone["collapse"] = {"collapsed": False, "verdict": "alive"}
+    for r in [*plain.values(), *kd.values(), backbone]:
         _write(runs, r)
     res = T2.report(out=tmp_path / "table2")
     ds = res["archs"]["resnet18"]["breastmnist"]
@@ -75,6 +77,7 @@ def test_paired_differences_and_intervals_follow_their_formulas(runs, tmp_path):
     assert g["met"] is bool(d.mean() >= 0.005)
     md = (tmp_path / "table2.md").read_text()
     assert "Chance (majority class) test ACC" in md and "`kd-ens`" in md
+    assert ds["methods"]["dinomx"]["teacher_check"] == "objective alive"  # the collapse monitor's verdict
     assert (tmp_path / "medalmighty_table4.md").is_file()
 
 

@@ -17,10 +17,14 @@ def test_findings_are_filled_from_results_and_say_when_missing(tmp_path, monkeyp
     pointing = {"conclusion": "Over 10 live seeds of 10, X.", "seeds": []}
     (tmp_path / "dinomx_pointing.json").write_text(json.dumps(pointing))
     (tmp_path / "dinomx_vs_lightly.json").write_text(json.dumps({"target_speed_vs_lightly": 1.5, "runs": [
-        {"autocast_dtype": "float32", "target": {"wall": 1.13, "cpu": 1.22, "best_side": "dinomx", "met": False}}]}))
+        {"autocast_dtype": "float32", "target": {"wall": 1.13, "cpu": 1.22, "best_side": "dinomx", "met": False}},
+        {"autocast_dtype": "torch.bfloat16", "target": {
+            "wall": 1.6, "cpu": 1.55, "best_side": "dinomx (bf16 stream)", "met": True,
+            "autocast_only": {"wall": 1.3, "cpu": 1.35, "best_side": "dinomx", "met": False}}}]}))
     out = report.fill_findings(out)
     assert "What was found: Over 10 live seeds of 10, X." in out
-    assert "float32: 1.13x" in out and "target of 1.5x is not met" in out
+    assert "float32: 1.13x" in out and "target of 1.5x is not met at every precision" in out
+    assert "torch.bfloat16: 1.60x" in out and "no bf16 stream, 1.30x wall" in out
     assert report.fill_findings(out) == out  # idempotent: a rerun changes nothing
 
 
