@@ -44,6 +44,7 @@ import zoo.store as store
 from export import edge
 from serving.inputs import DecodedImage, RequestError
 from serving.localization import DEFAULT_THRESHOLD, b64, class_map, normalise, overlay_png, to_input_size, top_box
+from zoo.registry import ZooEntry
 
 log = logging.getLogger("bentoml.serve.medzoo")  # under BentoML's logger, so the worker's log shows it
 
@@ -144,44 +145,12 @@ def weights_version(config: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------- entries
 
 
-@dataclass(frozen=True)
-class ServedEntry:
-    """What serving reads of a zoo entry (``zoo.registry.ZooEntry``'s fields), with per-channel mean/std,
-    from a bundle's receipt and ``preprocess.json`` (no torch) or from the entry itself (torch backend)."""
-
-    name: str
-    task: str
-    labels: tuple[str, ...]
-    in_chans: int
-    input_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    resize: str
-    method: str | None = None
-    arch: str | None = None
-    dataset: str | None = None
-    teacher: str | None = None
-    license: str | None = None
-
-    @classmethod
-    def from_bundle(cls, entry: dict[str, Any], spec: dict[str, Any]) -> ServedEntry:
-        return cls(name=entry["name"], task=spec["task"], labels=tuple(spec["labels"]), in_chans=spec["in_chans"],
-                   input_size=spec["input_size"], mean=tuple(spec["mean"]), std=tuple(spec["std"]),
-                   resize=spec["resize"], **{k: entry.get(k) for k in ("method", "arch", "dataset", "teacher",
-                                                                       "license")})
-
-    @classmethod
-    def from_zoo(cls, e) -> ServedEntry:
-        p = e.preprocess
-        return cls(name=e.name, task=e.task, labels=tuple(e.labels), in_chans=e.in_chans, input_size=e.input_size,
-                   mean=tuple(p.mean), std=tuple(p.std), resize=e.resize, method=e.method, arch=e.arch,
-                   dataset=e.dataset, teacher=e.teacher, license=e.license)
-
-    def spec(self) -> dict[str, Any]:
-        """The ``preprocess.json`` fields that :func:`export.edge.input_array` reads (float input)."""
-        return {"in_chans": self.in_chans, "input_size": self.input_size, "mean": list(self.mean),
-                "std": list(self.std), "resize": self.resize, "scale": 255.0, "input_dtype": "float32",
-                "image_mode": "L" if self.in_chans == 1 else "RGB"}
+def input_spec(entry: ZooEntry) -> dict[str, Any]:
+    """The ``preprocess.json`` fields that :func:`export.edge.input_array` reads (float input), from the
+    entry itself: its preprocessing is fixed by its name, and serving re-declares none of it."""
+    return {"in_chans": entry.in_chans, "input_size": entry.input_size, "mean": list(entry.mean),
+            "std": list(entry.std), "resize": entry.resize, "scale": 255.0, "input_dtype": "float32",
+            "image_mode": "L" if entry.in_chans == 1 else "RGB"}
 
 
 # ----------------------------------------------------------------------------------------- runtimes
@@ -264,7 +233,7 @@ class Output:
 class ServedModel:
     """A loaded zoo entry with its runtime, preprocessing and task semantics."""
 
-    def __init__(self, entry: ServedEntry, runtime: OnnxRuntime | TorchRuntime, config: dict[str, Any],
+    def __init__(self, entry: ZooEntry, runtime: OnnxRuntime | TorchRuntime, config: dict[str, Any],
                  backend: str, fmt: str = "onnx"):
         self.entry = entry
         self.runtime = runtime
@@ -274,7 +243,7 @@ class ServedModel:
         self.version = weights_version(config)
         self.built = str(config.get("created", ""))
         self.map_kind = next((o for o in runtime.outputs[1:] if o in MAP_OUTPUTS), None)
-        self._spec = entry.spec()
+        self._spec = input_spec(entry)
 
     @property
     def name(self) -> str:
@@ -304,12 +273,11 @@ class ServedModel:
 
     def _torch_input(self, pixels: np.ndarray) -> np.ndarray:
         """The zoo's own torch preprocessing (``to_batch`` + ``preprocess``), for the torch backend."""
-        from zoo.data import Preprocess, preprocess  # the torch backend only
+        from zoo.data import preprocess  # the torch backend only
         from zoo.inference import to_batch
 
-        e = self.entry
-        (t,) = to_batch([pixels], e.in_chans)
-        return preprocess(t, Preprocess(e.input_size, e.in_chans, e.mean, e.std, e.resize))[0].numpy()
+        (t,) = to_batch([pixels], self.entry.in_chans)
+        return preprocess(t, self.entry.preprocess)[0].numpy()
 
     # --- per batch (in the batcher's thread)
 
@@ -404,7 +372,7 @@ def load_model(name: str, backend: str, threads: int = 0, fmt: str = "onnx") -> 
 
         torch.set_num_threads(threads)
         model = load(str(entry_folder(name)) if is_model_tag(name) else name)
-        return ServedModel(ServedEntry.from_zoo(model.entry), TorchRuntime(model.net, model.entry.input_size),
+        return ServedModel(model.entry, TorchRuntime(model.net, model.entry.input_size),
                            model.info, "torch")
     if backend != "onnx":
         raise ServingError(f"unknown backend {backend!r}; choose onnx or torch")
@@ -424,8 +392,14 @@ def load_model(name: str, backend: str, threads: int = 0, fmt: str = "onnx") -> 
     d = folder / "export" / fmt
     rec, spec = _read_json(d / "export.json"), _read_json(d / "preprocess.json")
     cfg = _read_json(folder / "config.json")
-    entry = ServedEntry.from_bundle(rec["entry"], spec)
     _check_spec(rec["entry"], spec, d)
+    try:
+        # The receipt records the whole entry the bundle was made from; mean/std per channel, as checked above
+        # (entries of older zoos gave one value for every channel).
+        entry = ZooEntry.from_dict({**rec["entry"], "mean": spec["mean"], "std": spec["std"]})
+    except (TypeError, ValueError) as e:
+        raise ServingError(f"cannot serve {name}: its export receipt's entry is not readable ({e}); re-export it "
+                           f"with `zoo export {name} --format {fmt}`") from None
     return ServedModel(entry, OnnxRuntime(d / spec["model_file"], threads), cfg, "onnx", fmt)
 
 
