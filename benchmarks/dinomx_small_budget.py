@@ -11,7 +11,10 @@ frozen features next to the dataset's majority-class rate. Two settings per data
   PneumoniaMNIST, so the default datasets here are others);
 - ``dino-defaults``: the same budget with DINO's head, teacher temperatures and crop scales
   (4096 prototypes of 128-d, teacher 0.04 -> 0.07, globals 40-100%, locals 10-40%), which is how the
-  preset's runs used to end at ln K.
+  preset's runs used to end at ln K;
+- ``bf16-stream`` (on request, ``--settings preset bf16-stream``): the preset in bf16 with
+  ``optim.low_precision_stream=true``, the faster step of ``benchmarks/dinomx_vs_lightly.py``:
+  whether it trains as the preset does.
 
     python -m benchmarks.dinomx_small_budget                                   # organamnist, demo preset
     python -m benchmarks.dinomx_small_budget --datasets bloodmnist --preset cpu
@@ -37,7 +40,9 @@ RESULTS = ROOT / "benchmarks" / "results" / "dinomx_small_budget"
 # The head, teacher temperatures and crop scales of dinomx/default.yaml (DINO's and DINOv2's), on the preset's budget.
 DINO_DEFAULTS = ["head.out_dim=4096", "head.bottleneck_dim=128", "dino.teacher_temp=0.07",
                  "dino.warmup_teacher_temp=0.04", "crops.global_scale=[0.4,1.0]", "crops.local_scale=[0.1,0.4]"]
-SETTINGS = {"preset": [], "dino-defaults": DINO_DEFAULTS}
+# The preset with its blocks' residual stream in bf16 (training/dinomx/fused.py): does the faster step train alike?
+BF16_STREAM = ["optim.amp=bf16", "optim.low_precision_stream=true"]
+SETTINGS = {"preset": [], "dino-defaults": DINO_DEFAULTS, "bf16-stream": BF16_STREAM}
 
 
 def majority_rate(flag: str) -> float:
@@ -100,6 +105,11 @@ def markdown(r: dict[str, Any]) -> str:
                      f"{'collapsed' if x['collapsed'] else 'alive'} | {x['first_warning_step'] or '–'} | "
                      f"{f(x['knn_test_acc'])} | {x['majority_rate']:.3f} |")
     lines += ["", "`dino-defaults`: the same budget with " + ", ".join(f"`{o}`" for o in DINO_DEFAULTS) + "."]
+    if any(x["setting"] == "bf16-stream" for x in r["rows"]):
+        lines += ["", "`bf16-stream`: the preset with " + ", ".join(f"`{o}`" for o in BF16_STREAM)
+                  + " (the blocks' residual stream in bf16; `train_seconds` "
+                  + ", ".join(f"{x['setting']} {x['train_seconds']:.0f} s" for x in r["rows"] if x["train_seconds"])
+                  + ", on a shared machine)."]
     return "\n".join(lines) + "\n"
 
 
@@ -107,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", nargs="+", default=["organamnist"], help="MedMNIST flags (not the tuning sets)")
     ap.add_argument("--preset", default="demo", help="dinomx/<preset>.yaml")
-    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--settings", nargs="+", default=["preset", "dino-defaults"], choices=list(SETTINGS))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", default=str(ROOT / "runs" / "dinomx_small_budget"))
     ap.add_argument("--out", default=str(RESULTS), help="output path without suffix (.json and .md are written)")

@@ -30,3 +30,16 @@ def test_rows_from_the_runs_metrics_and_resume(tmp_path, monkeypatch):
     monkeypatch.setattr("training.dinomx.recipe.pretrain_config", no_training)
     again = bench.main(["--datasets", "breastmnist", "--work", str(work), "--out", str(out), *TINY])
     assert again["rows"] == r["rows"]
+
+
+def test_bf16_stream_setting_runs_the_preset_with_the_stream_on(tmp_path):
+    out, work = tmp_path / "small", tmp_path / "work"
+    r = bench.main(["--datasets", "breastmnist", "--settings", "bf16-stream", "--work", str(work), "--out", str(out),
+                    *TINY])
+    (row,) = r["rows"]
+    assert row["setting"] == "bf16-stream" and "optim.low_precision_stream=true" in row["overrides"]
+    import yaml
+
+    cfg = yaml.safe_load((work / "demo-bf16-stream-breastmnist" / "config.yaml").read_text())  # the resolved config
+    assert cfg["optim"]["low_precision_stream"] is True and cfg["optim"]["amp"] == "bf16"
+    assert "`bf16-stream`: the preset with `optim.amp=bf16`" in out.with_suffix(".md").read_text()
