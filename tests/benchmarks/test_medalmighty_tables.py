@@ -74,6 +74,8 @@ def test_paired_differences_and_intervals_follow_their_formulas(runs, tmp_path):
     assert ds["chance_acc"] == pytest.approx(counts.max() / counts.sum())
     g = res["goal"]["breastmnist"]
     assert g["best_distilled"] == "kd-ens" and g["gain_pt"] == pytest.approx(100 * d.mean())
+    assert g["against"] == "plain"
+    assert g["against_acc"] == pytest.approx(np.mean([r["test"]["acc"] for r in plain.values()]))
     assert g["met"] is bool(d.mean() >= 0.005)
     md = (tmp_path / "table2.md").read_text()
     assert "Chance (majority class) test ACC" in md and "`kd-ens`" in md
