@@ -94,7 +94,7 @@ def _scale(layer_scale: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def block(layer: nn.Module, h: torch.Tensor, cls_only: bool = False) -> torch.Tensor:
     """One transformer block on tokens ``h`` (B, T, D); with ``cls_only`` returns the CLS row alone (B, 1, D).
 
-    The output has ``h``'s dtype when ``h`` is not float32 (a low-precision residual stream).
+    The output has ``h``'s dtype (float32, or bf16 for a low-precision residual stream).
     """
     a = layer.attention
     b, t, d = h.shape
@@ -111,9 +111,8 @@ def block(layer: nn.Module, h: torch.Tensor, cls_only: bool = False) -> torch.Te
     p = a.attention_dropout if a.training else 0.0
     o = attention(q, k, v, p, a.scaling)
     o = a.o_proj(o.transpose(1, 2).reshape(b, -1, heads * hd))
-    if h.dtype == torch.float32:
-        h = layer.drop_path(layer.layer_scale1(o)) + residual
-        return layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(h)))) + h
+    # In h's dtype: under autocast with a float32 stream this is exactly layer_scale(o) (bf16 o promoted to
+    # float32), and a bf16 stream stays bf16.
     h = layer.drop_path(_scale(layer.layer_scale1, o.to(h.dtype))) + residual
     return layer.drop_path(_scale(layer.layer_scale2, layer.mlp(layer.norm2(h)).to(h.dtype))) + h
 

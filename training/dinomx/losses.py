@@ -130,9 +130,8 @@ class DINOLoss(_TeacherTargets):
         # (whose indexing backward also wrote a zero (S, B, K) gradient per pair).
         p = teacher_probs.float()
         q = p.sum(0).expand(s_crops, -1, -1)
-        n = min(t_crops, s_crops)
-        if n:
-            q = torch.cat([q[:n] - p[:n], q[n:]])
+        n = min(t_crops, s_crops)  # crops both saw: >= 1 here
+        q = torch.cat([q[:n] - p[:n], q[n:]])
         return -(q * logp).sum(dim=-1).mean(dim=-1).sum() / terms
 
 

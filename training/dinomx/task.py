@@ -118,9 +118,9 @@ class DinoTask:
         self.student.need_patches = cfg.ibot.loss_weight > 0 or cfg.gram.loss_weight > 0 or feature
         self.teacher_patches = (cfg.ibot.loss_weight > 0 and self.dino_targets) or feature
         self.student.fused = self._fused(encoder)
-        amp = amp_dtype(o.amp, env.device)
-        if o.low_precision_stream and self.student.fused and amp is not None:
-            self.student.stream_dtype = amp  # the teacher, a copy, inherits it
+        self.dtype = amp_dtype(o.amp, env.device)
+        if o.low_precision_stream and self.student.fused and self.dtype is not None:
+            self.student.stream_dtype = self.dtype  # the teacher, a copy, inherits it
         self.teacher = self.distill_teacher if self.distill_teacher is not None else copy.deepcopy(self.student)
         self.teacher.requires_grad_(False).eval()
         self.gram_anchor: SSLModel | None = None
@@ -151,7 +151,6 @@ class DinoTask:
         self.freeze_last = int(o.freeze_last_layer * T)
         self.gram_start = int(cfg.gram.start * T)
         self.gram_every = int(cfg.gram.refresh_every * T)
-        self.dtype = amp_dtype(o.amp, env.device)
         self.last_row: dict[str, float] = {}
         self.monitor_values: dict[str, torch.Tensor] = {}  # this step's collapse-monitor figures (monitor.py)
         temp_warmup = int(dn.warmup_teacher_temp_epochs * T) if dn.warmup_teacher_temp != dn.teacher_temp else 0
