@@ -86,9 +86,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float,
     return w @ v.to(w.dtype)
 
 
-def _scale(layer_scale: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``layer_scale(x)`` in ``x``'s dtype (the float32 parameter would promote a bf16 ``x`` to float32)."""
-    return x * layer_scale.lambda1.to(x.dtype)
+def _scale(layer_scale: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``layer_scale(x)`` with the result in ``dtype``, the residual stream's.
+
+    A float32 stream is ``layer_scale(x)`` itself (a bf16 ``x`` from an autocast matmul is promoted by the
+    float32 parameter in the same kernel); a bf16 stream applies the parameter in bf16.
+    """
+    lam = layer_scale.lambda1
+    return x * lam if lam.dtype == dtype else x.to(dtype) * lam.to(dtype)
 
 
 def block(layer: nn.Module, h: torch.Tensor, cls_only: bool = False) -> torch.Tensor:
@@ -111,10 +116,8 @@ def block(layer: nn.Module, h: torch.Tensor, cls_only: bool = False) -> torch.Te
     p = a.attention_dropout if a.training else 0.0
     o = attention(q, k, v, p, a.scaling)
     o = a.o_proj(o.transpose(1, 2).reshape(b, -1, heads * hd))
-    # In h's dtype: under autocast with a float32 stream this is exactly layer_scale(o) (bf16 o promoted to
-    # float32), and a bf16 stream stays bf16.
-    h = layer.drop_path(_scale(layer.layer_scale1, o.to(h.dtype))) + residual
-    return layer.drop_path(_scale(layer.layer_scale2, layer.mlp(layer.norm2(h)).to(h.dtype))) + h
+    h = layer.drop_path(_scale(layer.layer_scale1, o, h.dtype)) + residual
+    return layer.drop_path(_scale(layer.layer_scale2, layer.mlp(layer.norm2(h)), h.dtype)) + h
 
 
 def encode(backbone: ViTBackbone, x: torch.Tensor, masks: torch.Tensor | None = None, patches: bool = True,
