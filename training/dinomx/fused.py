@@ -82,8 +82,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float,
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale)
     # The CPU softmax kernel accumulates bf16 / fp16 inputs in float32 and rounds once, as a float32
     # softmax cast back would, without a float32 copy of the (B, h, T, T) weights and of their gradient.
-    w = torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1)
-    return w @ v.to(w.dtype)
+    return torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1) @ v
 
 
 def _scale(layer_scale: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
