@@ -184,6 +184,12 @@ class Runner:
             from zoo.store import write_json_atomic
 
             write_json_atomic(out, row)
+        else:  # a rebuilt member: the recorded result stays; a different figure means the rebuild is not that run
+            before = json.loads(out.read_text())["test"]
+            if abs(before["acc"] - row["test"]["acc"]) > 1e-9 or abs(before["auc"] - row["test"]["auc"]) > 1e-6:
+                self.log(f"WARNING {out.stem}: rebuilt with test acc {row['test']['acc']:.4f} auc "
+                         f"{row['test']['auc']:.4f}, recorded {before['acc']:.4f} / {before['auc']:.4f}; the recorded "
+                         "result is kept, but teachers built from this store are not the recorded run's")
         self.log(f"{out.stem}: test acc {row['test']['acc']:.4f} auc {row['test']['auc']:.4f} "
                  f"({time.perf_counter() - t0:.0f} s)")
         return row
@@ -273,10 +279,10 @@ def cmd_run(a) -> None:
     for flag in a.datasets:
         for key in a.methods:
             for seed in a.seeds if METHODS[key].seeded else [0]:
-                if r.result(key, flag, seed).is_file():
+                if r.result(key, flag, seed).is_file() and not (a.entries and not r._built(key, flag, seed)):
                     print(f"{r.result(key, flag, seed).stem}: done before", flush=True)
                     continue
-                r.ensure(key, flag, seed)
+                r.ensure(key, flag, seed, need_entry=a.entries)
 
 
 # ----------------------------------------------------------------------------------------- report
@@ -578,6 +584,9 @@ def main() -> None:
     r.add_argument("--store", default=os.environ.get("BENCH_STORE", "~/.cache/medzoo-bench"),
                    help="where the runs' zoo entries are built (one store per method and seed)")
     r.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    r.add_argument("--entries", action="store_true",
+                   help="also rebuild into --store the entries of cells that ran in an earlier session (the members "
+                        "of a teacher, e.g. the plain students, one process per seed); the recorded results stay")
     r.add_argument("--progress", action="store_true")
     r.set_defaults(fn=cmd_run)
     p = sub.add_parser("report", help="the tables from the result files (every architecture and dataset run)")
