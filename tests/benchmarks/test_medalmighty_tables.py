@@ -104,6 +104,30 @@ def test_cells_run_once_and_after_what_they_need(runs, tmp_path, monkeypatch):
     assert [k for k, _, _ in order[5:]] == ["dinomx", "finetune", "kd-ft"]
 
 
+
+def test_a_recorded_member_whose_store_is_gone_is_rebuilt_and_checked(runs, tmp_path, monkeypatch):
+    acc = {0: 0.5, 1: 0.7}  # seed 1's rebuild scores otherwise than its recorded run
+
+    def fake_run(self, m, flag, seed, members):
+        (self.entry_dir(m.key, flag, seed)).mkdir(parents=True, exist_ok=True)
+        (self.entry_dir(m.key, flag, seed) / "config.json").write_text("{}")
+        return {"run": self.result(m.key, flag, seed).stem, "method": m.key, "test": {"acc": acc[seed], "auc": 0.5}}
+
+    for seed in (0, 1):
+        _write(runs, {"run": T2.run_id("plain", "resnet18", "breastmnist", seed), "test": {"acc": 0.5, "auc": 0.5}})
+    monkeypatch.setattr(T2.Runner, "_run", fake_run)
+    logs = []
+    r = T2.Runner("resnet18", tmp_path / "store", log=logs.append)
+    r.ensure("plain", "breastmnist", 0)  # a result is enough when no teacher needs the entry
+    assert not r._built("plain", "breastmnist", 0) and logs == []
+    for seed in (0, 1):
+        r.ensure("plain", "breastmnist", seed, need_entry=True)
+        assert r._built("plain", "breastmnist", seed)
+    warned = [m for m in logs if m.startswith("WARNING")]
+    assert len(warned) == 1 and "seed1" in warned[0] and "0.7000" in warned[0]
+    recorded = json.loads((runs / f"{T2.run_id('plain', 'resnet18', 'breastmnist', 1)}.json").read_text())
+    assert recorded["test"]["acc"] == 0.5  # the recorded result is never overwritten by a rebuild
+
 def test_flops_are_counted_as_two_per_multiply_add():
     conv = nn.Conv2d(1, 2, 3, bias=False)  # 5x5 -> 2 x 3x3 outputs, 9 multiply-adds each
     assert T3.flops(conv, 1, 5) == 2 * (2 * 3 * 3) * 9
