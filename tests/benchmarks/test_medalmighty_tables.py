@@ -128,6 +128,29 @@ def test_a_recorded_member_whose_store_is_gone_is_rebuilt_and_checked(runs, tmp_
     recorded = json.loads((runs / f"{T2.run_id('plain', 'resnet18', 'breastmnist', 1)}.json").read_text())
     assert recorded["test"]["acc"] == 0.5  # the recorded result is never overwritten by a rebuild
 
+
+def test_table4_chooses_each_seeds_cell_on_validation_never_on_test(runs, tmp_path):
+    labels = load_split("breastmnist", "test").labels.numpy()
+    n = len(labels)
+    rng = np.random.default_rng(1)
+    val_auc = {"kd-ens": [0.80, 0.90, 0.70], "kd-ens-t5-a0.5": [0.85, 0.90, 0.60], "kd-ens-t8-a0.8": [0.70, 0.50, 0.75]}
+    test_acc = {}
+    for s in range(3):
+        _write(runs, _row("plain", s, rng.random(n) < 0.7, labels, 0.8))
+        for key, aucs in val_auc.items():
+            row = _row(key, s, rng.random(n) < 0.8, labels, 0.85)
+            row["val"] = {"acc": 0.99, "auc": aucs[s]}  # test figures never enter the choice
+            test_acc[key, s] = row["test"]["acc"]
+            _write(runs, row)
+    res = T2.table4(T2._rows(), out=tmp_path / "t4")["breastmnist"]
+    v = res["chosen_on_validation"]
+    # seed 0: t5 has the best val AUC; seed 1: a tie, the first in grid order (kd-ens, t 2) is kept; seed 2: t8
+    assert v["chosen"] == {0: (5.0, 0.5), 1: (2.0, 0.2), 2: (8.0, 0.8)}
+    picked = [test_acc["kd-ens-t5-a0.5", 0], test_acc["kd-ens", 1], test_acc["kd-ens-t8-a0.8", 2]]
+    assert v["acc"]["mean"] == pytest.approx(np.mean(picked)) and v["paired_vs_plain"]["seeds"] == [0, 1, 2]
+    assert len(res["cells"]) == 3
+    assert "| chosen on validation |" in (tmp_path / "t4.md").read_text()
+
 def test_flops_are_counted_as_two_per_multiply_add():
     conv = nn.Conv2d(1, 2, 3, bias=False)  # 5x5 -> 2 x 3x3 outputs, 9 multiply-adds each
     assert T3.flops(conv, 1, 5) == 2 * (2 * 3 * 3) * 9
