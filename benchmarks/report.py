@@ -154,8 +154,43 @@ def finding_pointing() -> str:
     return out + " (`benchmarks/dinomx_pointing.py`)."
 
 
+def finding_distill() -> str:
+    """Where distillation helps most in Table 2 (3 seeds), and what it does on the demo's dataset, and why."""
+    from zoo.demo import DATASET
+
+    r = _load("medalmighty_table2")
+    goal = {f: g for f, g in (r or {}).get("goal", {}).items() if g.get("gain_pt") is not None}
+    if not goal:
+        return "Table 2 has no distilled student over 3 seeds yet (`python -m benchmarks.medalmighty_table2`)."
+
+    def pair(f: str, g: dict) -> str:
+        return (f"`{g['best_distilled']}` {g['distilled_acc']:.3f} against its plain twin `{g['against']}` "
+                f"{g['against_acc']:.3f} ({g['gain_pt']:+.2f} pt ACC, {g['auc_gain_pt']:+.2f} pt AUC, mean over "
+                f"3 seeds)")
+
+    best = max(goal, key=lambda f: goal[f]["gain_pt"])
+    out = f"In Table 2, distillation helps most on {best}: {pair(best, goal[best])}."
+    g = goal.get(DATASET)
+    if g is None:
+        return out + f" The demo's {DATASET} has no 3-seed distilled run yet."
+    if g["met"]:
+        return out + ("" if DATASET == best else f" On the demo's {DATASET} it helps too: {pair(DATASET, g)}.")
+    m = r["archs"]["resnet18"][DATASET]["methods"][g["best_distilled"]]
+    ci = ((m.get("paired") or {}).get("acc") or {})
+    lo, hi = (ci.get("bootstrap95") or ci.get("ci95") or [None, None])
+    if m.get("teacher_check") == "weaker":
+        why = "its teacher is weaker than the plain student on validation, and a weaker teacher cannot help"
+    elif lo is not None and lo <= 0 <= hi:
+        why = (f"its teacher is stronger on validation, and the 95 % interval of the difference, [{100 * lo:+.2f}, "
+               f"{100 * hi:+.2f}] pt, includes zero: no measurable gain or loss at 3 seeds")
+    else:
+        why = "its teacher is stronger on validation, yet the students lose to the plain twin"
+    return out + f" On the demo's {DATASET} it does not help: {pair(DATASET, g)}; {why}."
+
+
 # Sentences inside the README's prose, between <!-- finding:NAME --> and <!-- /finding:NAME -->.
-FINDINGS = {"small-budget": finding_small_budget, "speed": finding_speed, "pointing": finding_pointing}
+FINDINGS = {"distill": finding_distill, "small-budget": finding_small_budget, "speed": finding_speed,
+            "pointing": finding_pointing}
 
 
 def fill_findings(text: str) -> str:

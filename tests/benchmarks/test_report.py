@@ -29,10 +29,34 @@ def test_findings_are_filled_from_results_and_say_when_missing(tmp_path, monkeyp
 
 
 def test_missing_marker_is_an_error():
-    with pytest.raises(SystemExit, match="finding:small-budget"):
+    with pytest.raises(SystemExit, match="finding:distill"):
         report.fill_findings("no markers here")
 
 
 def test_render_reads_every_results_file_in_the_repo():
     block = report.render()
     assert block.startswith(report.START) and block.endswith(report.END)
+
+
+def _goal(best: str, gain: float, auc: float, met: bool) -> dict:
+    return {"best_distilled": best, "distilled_acc": 0.80 + gain / 100, "against": "plain", "against_acc": 0.80,
+            "gain_pt": gain, "auc_gain_pt": auc, "met": met}
+
+
+def test_distill_finding_names_where_it_helps_most_and_why_not_on_the_demo_dataset(tmp_path, monkeypatch):
+    from zoo.demo import DATASET
+
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    assert "no distilled student" in report.finding_distill()
+    paired = {"acc": {"mean": -0.01, "ci95": [-0.05, 0.03], "bootstrap95": [-0.03, 0.01]}}
+    table = {"goal": {"a-mnist": _goal("kd-ens", 1.5, 0.3, True), "b-mnist": _goal("camkd", 2.5, 0.1, True),
+                      DATASET: _goal("kd-ens", -1.0, -0.2, False)},
+             "archs": {"resnet18": {DATASET: {"methods": {"kd-ens": {"teacher_check": "stronger", "paired": paired}}}}}}
+    (tmp_path / "medalmighty_table2.json").write_text(json.dumps(table))
+    out = report.finding_distill()
+    assert out.startswith("In Table 2, distillation helps most on b-mnist: `camkd` 0.825")
+    assert f"On the demo's {DATASET} it does not help" in out and "(-1.00 pt ACC, -0.20 pt AUC" in out
+    assert "[-3.00, +1.00] pt, includes zero" in out  # the bootstrap interval, when the table has one
+    table["archs"]["resnet18"][DATASET]["methods"]["kd-ens"]["teacher_check"] = "weaker"
+    (tmp_path / "medalmighty_table2.json").write_text(json.dumps(table))
+    assert "its teacher is weaker than the plain student" in report.finding_distill()
