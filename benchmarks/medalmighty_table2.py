@@ -164,8 +164,10 @@ class Runner:
 
     def ensure(self, key: str, flag: str, seed: int, need_entry: bool = False) -> dict:
         """The result of a cell, running it (and the cells it needs) when it has not run. ``need_entry``: its
-        entry must also be in the store (a member of a teacher); runs are deterministic on the CPU, so a
-        result from an earlier session whose store is gone is rebuilt to the same weights."""
+        entry must also be in the store (a member of a teacher). A cell whose result is recorded but whose
+        store is gone (an earlier session's) is rebuilt; the rebuild need not reproduce the recorded run
+        (other library builds or code since), so its figures go to ``runs/rebuilt/`` and a difference is
+        warned about, while the recorded result stays the table's."""
         m = METHODS[key]
         seed = seed if m.seeded else 0
         out = self.result(key, flag, seed)
@@ -185,6 +187,9 @@ class Runner:
 
             write_json_atomic(out, row)
         else:  # a rebuilt member: the recorded result stays; a different figure means the rebuild is not that run
+            from zoo.store import write_json_atomic
+
+            write_json_atomic(RUNS / "rebuilt" / f"{out.stem}.{row.get('commit', 'unknown')[:7]}.json", row)
             before = json.loads(out.read_text())["test"]
             if abs(before["acc"] - row["test"]["acc"]) > 1e-9 or abs(before["auc"] - row["test"]["auc"]) > 1e-6:
                 self.log(f"WARNING {out.stem}: rebuilt with test acc {row['test']['acc']:.4f} auc "

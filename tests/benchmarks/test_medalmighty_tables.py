@@ -127,6 +127,8 @@ def test_a_recorded_member_whose_store_is_gone_is_rebuilt_and_checked(runs, tmp_
     assert len(warned) == 1 and "seed1" in warned[0] and "0.7000" in warned[0]
     recorded = json.loads((runs / f"{T2.run_id('plain', 'resnet18', 'breastmnist', 1)}.json").read_text())
     assert recorded["test"]["acc"] == 0.5  # the recorded result is never overwritten by a rebuild
+    rebuilt = sorted(p.name for p in (runs / "rebuilt").iterdir())  # ... and the rebuild's own figures are kept
+    assert rebuilt == [f"{T2.run_id('plain', 'resnet18', 'breastmnist', s)}.unknown.json" for s in (0, 1)]
 
 
 def test_table4_chooses_each_seeds_cell_on_validation_never_on_test(runs, tmp_path):
