@@ -1,11 +1,13 @@
 """Regenerate the README's results section from ``benchmarks/results/*.json`` (figures never typed in).
 
     python -m benchmarks.report          # rewrites the block between the results markers in README.md
+    python -m benchmarks.report --demo-report $ZOO_HOME/demo/report.md --demo-note "..."  # and the demo's times
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -188,9 +190,38 @@ def finding_distill() -> str:
     return out + f" On the demo's {DATASET} it does not help: {pair(DATASET, g)}; {why}."
 
 
+def demo_times(report_md: Path) -> dict[str, float]:
+    """Stage -> seconds from the "## Time" section of a demo report (``$ZOO_HOME/demo/report.md``)."""
+    text = report_md.read_text()
+    if "## Time" not in text:
+        raise ValueError(f"{report_md} has no '## Time' section: is it the report of a finished `zoo demo`?")
+    times = {m[1]: float(m[2]) for m in re.finditer(r"^- (\w+): ([\d.]+) s$", text.split("## Time", 1)[1], re.M)}
+    if "total" not in times:
+        raise ValueError(f"{report_md}: its '## Time' section has no total; the demo did not finish")
+    return times
+
+
+def record_demo(report_md: Path, note: str) -> Path:
+    """Keep a finished demo's stage times (and how it was run) as ``results/demo_times.json``."""
+    from zoo.store import write_json_atomic
+
+    out = RESULTS / "demo_times.json"
+    write_json_atomic(out, {"times_s": demo_times(report_md), "note": note})
+    return out
+
+
+def finding_demo_time() -> str:
+    r = _load("demo_times")
+    if r is None:
+        return "not timed yet (`python -m benchmarks.report --demo-report $ZOO_HOME/demo/report.md`)."
+    t = {k: v / 60 for k, v in r["times_s"].items()}
+    stages = ", ".join(f"{k} {v:.1f}" for k, v in t.items() if k != "total")
+    return f"{r['note']}: {t['total']:.0f} min ({stages} min)."
+
+
 # Sentences inside the README's prose, between <!-- finding:NAME --> and <!-- /finding:NAME -->.
-FINDINGS = {"distill": finding_distill, "small-budget": finding_small_budget, "speed": finding_speed,
-            "pointing": finding_pointing}
+FINDINGS = {"distill": finding_distill, "demo-time": finding_demo_time, "small-budget": finding_small_budget,
+            "speed": finding_speed, "pointing": finding_pointing}
 
 
 def fill_findings(text: str) -> str:
@@ -205,6 +236,18 @@ def fill_findings(text: str) -> str:
 
 
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--demo-report", type=Path, help="record this finished demo report's stage times first")
+    ap.add_argument("--demo-note", default="Measured from a fresh clone on the 2-core build machine",
+                    help="how that demo was run (machine, load), written before its times")
+    a = ap.parse_args()
+    if a.demo_report:
+        try:
+            print(f"wrote {record_demo(a.demo_report, a.demo_note)}")
+        except (OSError, ValueError) as e:
+            sys.exit(f"--demo-report: {e}")
     readme = ROOT / "README.md"
     text = readme.read_text()
     if START not in text or END not in text:

@@ -60,3 +60,20 @@ def test_distill_finding_names_where_it_helps_most_and_why_not_on_the_demo_datas
     table["archs"]["resnet18"][DATASET]["methods"]["kd-ens"]["teacher_check"] = "weaker"
     (tmp_path / "medalmighty_table2.json").write_text(json.dumps(table))
     assert "its teacher is weaker than the plain student" in report.finding_distill()
+
+
+def test_demo_times_come_from_a_finished_demo_report(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    assert "not timed yet" in report.finding_demo_time()
+    md = tmp_path / "report.md"
+    md.write_text("# Demo report\n\n## 7. Serving\n\n- x: 3 s\n\n## Time\n\n- pretrain: 600 s\n- distil: 1200 s\n")
+    with pytest.raises(ValueError, match="no total"):
+        report.record_demo(md, "n")
+    md.write_text(md.read_text() + "- total: 1800 s\n")
+    report.record_demo(md, "On idle cores")
+    assert json.loads((tmp_path / "demo_times.json").read_text())["times_s"] == {
+        "pretrain": 600.0, "distil": 1200.0, "total": 1800.0}  # the Serving section's line is not a stage
+    assert report.finding_demo_time() == "On idle cores: 30 min (pretrain 10.0, distil 20.0 min)."
+    (tmp_path / "other.md").write_text("# not a demo report\n")
+    with pytest.raises(ValueError, match="no '## Time' section"):
+        report.record_demo(tmp_path / "other.md", "n")
