@@ -586,7 +586,10 @@ def table4(rows: dict, out: Path = RESULTS / "medalmighty_table4") -> dict:
             lines.append(f"| chosen on validation | | {v['acc']['n']} | | {_fmt(v['acc'])} | {_fmt(v['auc'])} | "
                          f"{_ci(cmp, 'acc')} | {_ci(cmp, 'auc')} | | |")
             lines += ["", f"Chosen on validation: for each seed, the (t, a) whose run has the best validation AUC "
-                      f"(what `distill.search=grid` keeps; the test split never chooses): {picks}."]
+                      f"(what `distill.search=grid` keeps; the test split never chooses): {picks}."
+                      + (f" For seed(s) {', '.join(map(str, v['seeds_with_different_teachers']))} the cells were "
+                         "distilled from different teachers (an ensemble rebuilt in another session), which a "
+                         "search within one build never is." if v["seeds_with_different_teachers"] else "")]
         lines.append("")
     if not result:
         lines.append("_No Table 4 runs yet._")
@@ -613,7 +616,11 @@ def val_chosen(cells: dict[str, dict[int, dict]], plain: dict[int, dict],
             if best is None or runs[s]["val"]["auc"] > cells[best][s]["val"]["auc"]:
                 best = key
         picked[s], which[s] = cells[best][s], pairs[best]
-    return {"chosen": which, "acc": _ms([r["test"]["acc"] for r in picked.values()]),
+    # distill.search=grid trains every cell from one teacher; cells run in other sessions may not share it
+    mixed = [s for s in seeds if len({(runs[s].get("lineage") or {}).get("teacher_sha256")
+                                      for runs in cells.values()}) > 1]
+    return {"chosen": which, "seeds_with_different_teachers": mixed,
+            "acc": _ms([r["test"]["acc"] for r in picked.values()]),
             "auc": _ms([r["test"]["auc"] for r in picked.values()]), "paired_vs_plain": paired(picked, plain, None)}
 
 def cmd_report(a) -> None:

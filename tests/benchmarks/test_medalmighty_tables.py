@@ -142,6 +142,7 @@ def test_table4_chooses_each_seeds_cell_on_validation_never_on_test(runs, tmp_pa
         for key, aucs in val_auc.items():
             row = _row(key, s, rng.random(n) < 0.8, labels, 0.85)
             row["val"] = {"acc": 0.99, "auc": aucs[s]}  # test figures never enter the choice
+            row["lineage"] = {"teacher_sha256": "b" if (key, s) == ("kd-ens", 2) else "a"}
             test_acc[key, s] = row["test"]["acc"]
             _write(runs, row)
     res = T2.table4(T2._rows(), out=tmp_path / "t4")["breastmnist"]
@@ -151,6 +152,7 @@ def test_table4_chooses_each_seeds_cell_on_validation_never_on_test(runs, tmp_pa
     picked = [test_acc["kd-ens-t5-a0.5", 0], test_acc["kd-ens", 1], test_acc["kd-ens-t8-a0.8", 2]]
     assert v["acc"]["mean"] == pytest.approx(np.mean(picked)) and v["paired_vs_plain"]["seeds"] == [0, 1, 2]
     assert len(res["cells"]) == 3
+    assert v["seeds_with_different_teachers"] == [2]  # seed 2's kd-ens cell had another teacher: said so
     assert "| chosen on validation |" in (tmp_path / "t4.md").read_text()
 
 def test_flops_are_counted_as_two_per_multiply_add():
