@@ -182,13 +182,11 @@ class Runner:
             self.ensure(need, flag, 0, need_entry=True)
         t0 = time.perf_counter()
         row = self._run(m, flag, seed, members)
-        if not out.is_file():
-            from zoo.store import write_json_atomic
+        from zoo.store import write_json_atomic
 
+        if not out.is_file():
             write_json_atomic(out, row)
         else:  # a rebuilt member: the recorded result stays; a different figure means the rebuild is not that run
-            from zoo.store import write_json_atomic
-
             write_json_atomic(RUNS / "rebuilt" / f"{out.stem}.{row.get('commit', 'unknown')[:7]}.json", row)
             before = json.loads(out.read_text())["test"]
             if abs(before["acc"] - row["test"]["acc"]) > 1e-9 or abs(before["auc"] - row["test"]["auc"]) > 1e-6:
@@ -565,10 +563,12 @@ def table4(rows: dict, out: Path = RESULTS / "medalmighty_table4") -> dict:
             "acc": _ms([r["test"]["acc"] for r in runs.values()]),
             "auc": _ms([r["test"]["auc"] for r in runs.values()]), "paired_vs_plain": cmp,
             "paper": {m: paper.get((flag, t, a, m)) for m in ("acc", "auc")}})
+    grid_order = [tuple(map(float, g)) for g in d.get("grid", [])]  # ties go to the earlier, as in the search
     chosen = {}
     for flag in result:
-        order = [k for k, v in pairs.items() if v in {(c["temperature"], c["alpha"]) for c in result[flag]}]
-        chosen[flag] = val_chosen({k: rows.get(("resnet18", flag, k), {}) for k in sorted(order, key=pairs.get)},
+        ran = [k for k, v in pairs.items() if v in {(c["temperature"], c["alpha"]) for c in result[flag]}]
+        ran.sort(key=lambda k: (grid_order.index(pairs[k]) if pairs[k] in grid_order else len(grid_order), pairs[k]))
+        chosen[flag] = val_chosen({k: rows.get(("resnet18", flag, k), {}) for k in ran},
                                   rows.get(("resnet18", flag, "plain"), {}), pairs)
     for flag, cells in result.items():
         lines += [f"**{flag}**", "", "| t | a | seeds | teacher test ACC | test ACC | test AUC | Δ ACC vs plain | "
@@ -600,7 +600,6 @@ def table4(rows: dict, out: Path = RESULTS / "medalmighty_table4") -> dict:
     return result
 
 
-
 def val_chosen(cells: dict[str, dict[int, dict]], plain: dict[int, dict],
                pairs: dict[str, tuple[float, float]]) -> dict | None:
     """Per seed, the grid cell with the best validation AUC (the first in grid order on a tie, as
@@ -622,6 +621,7 @@ def val_chosen(cells: dict[str, dict[int, dict]], plain: dict[int, dict],
     return {"chosen": which, "seeds_with_different_teachers": mixed,
             "acc": _ms([r["test"]["acc"] for r in picked.values()]),
             "auc": _ms([r["test"]["auc"] for r in picked.values()]), "paired_vs_plain": paired(picked, plain, None)}
+
 
 def cmd_report(a) -> None:
     report()

@@ -166,9 +166,10 @@ def finding_distill() -> str:
         return "Table 2 has no distilled student over 3 seeds yet (`python -m benchmarks.medalmighty_table2`)."
 
     def pair(f: str, g: dict) -> str:
+        n = r["archs"]["resnet18"][f]["methods"][g["best_distilled"]]["acc"]["n"]
         return (f"`{g['best_distilled']}` {g['distilled_acc']:.3f} against its plain twin `{g['against']}` "
                 f"{g['against_acc']:.3f} ({g['gain_pt']:+.2f} pt ACC, {g['auc_gain_pt']:+.2f} pt AUC, mean over "
-                f"3 seeds)")
+                f"{n} seeds)")
 
     best = max(goal, key=lambda f: goal[f]["gain_pt"])
     out = f"In Table 2, distillation helps most on {best}: {pair(best, goal[best])}."

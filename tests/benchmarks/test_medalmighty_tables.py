@@ -104,7 +104,6 @@ def test_cells_run_once_and_after_what_they_need(runs, tmp_path, monkeypatch):
     assert [k for k, _, _ in order[5:]] == ["dinomx", "finetune", "kd-ft"]
 
 
-
 def test_a_recorded_member_whose_store_is_gone_is_rebuilt_and_checked(runs, tmp_path, monkeypatch):
     acc = {0: 0.5, 1: 0.7}  # seed 1's rebuild scores otherwise than its recorded run
 
@@ -154,6 +153,7 @@ def test_table4_chooses_each_seeds_cell_on_validation_never_on_test(runs, tmp_pa
     assert len(res["cells"]) == 3
     assert v["seeds_with_different_teachers"] == [2]  # seed 2's kd-ens cell had another teacher: said so
     assert "| chosen on validation |" in (tmp_path / "t4.md").read_text()
+
 
 def test_flops_are_counted_as_two_per_multiply_add():
     conv = nn.Conv2d(1, 2, 3, bias=False)  # 5x5 -> 2 x 3x3 outputs, 9 multiply-adds each

@@ -51,10 +51,14 @@ def test_distill_finding_names_where_it_helps_most_and_why_not_on_the_demo_datas
     paired = {"acc": {"mean": -0.01, "ci95": [-0.05, 0.03], "bootstrap95": [-0.03, 0.01]}}
     table = {"goal": {"a-mnist": _goal("kd-ens", 1.5, 0.3, True), "b-mnist": _goal("camkd", 2.5, 0.1, True),
                       DATASET: _goal("kd-ens", -1.0, -0.2, False)},
-             "archs": {"resnet18": {DATASET: {"methods": {"kd-ens": {"teacher_check": "stronger", "paired": paired}}}}}}
+             "archs": {"resnet18": {
+                 DATASET: {"methods": {"kd-ens": {"teacher_check": "stronger", "paired": paired, "acc": {"n": 3}}}},
+                 "a-mnist": {"methods": {"kd-ens": {"acc": {"n": 3}}}},
+                 "b-mnist": {"methods": {"camkd": {"acc": {"n": 4}}}}}}}
     (tmp_path / "medalmighty_table2.json").write_text(json.dumps(table))
     out = report.finding_distill()
     assert out.startswith("In Table 2, distillation helps most on b-mnist: `camkd` 0.825")
+    assert "mean over 4 seeds" in out and "mean over 3 seeds" in out
     assert f"On the demo's {DATASET} it does not help" in out and "(-1.00 pt ACC, -0.20 pt AUC" in out
     assert "[-3.00, +1.00] pt, includes zero" in out  # the bootstrap interval, when the table has one
     table["archs"]["resnet18"][DATASET]["methods"]["kd-ens"]["teacher_check"] = "weaker"
