@@ -171,7 +171,7 @@ class Runner:
         m = METHODS[key]
         seed = seed if m.seeded else 0
         out = self.result(key, flag, seed)
-        if out.is_file() and not (need_entry and not self._built(key, flag, seed)):
+        if self.done(key, flag, seed, need_entry):
             return json.loads(out.read_text())
         members = []
         if m.members:
@@ -196,6 +196,11 @@ class Runner:
         self.log(f"{out.stem}: test acc {row['test']['acc']:.4f} auc {row['test']['auc']:.4f} "
                  f"({time.perf_counter() - t0:.0f} s)")
         return row
+
+    def done(self, key: str, flag: str, seed: int, need_entry: bool = False) -> bool:
+        """Its result is recorded (and, with ``need_entry``, its entry is in the store)."""
+        seed = seed if METHODS[key].seeded else 0
+        return self.result(key, flag, seed).is_file() and not (need_entry and not self._built(key, flag, seed))
 
     def _built(self, key: str, flag: str, seed: int) -> bool:
         return (self.entry_dir(key, flag, seed) / "config.json").is_file()
@@ -282,7 +287,7 @@ def cmd_run(a) -> None:
     for flag in a.datasets:
         for key in a.methods:
             for seed in a.seeds if METHODS[key].seeded else [0]:
-                if r.result(key, flag, seed).is_file() and not (a.entries and not r._built(key, flag, seed)):
+                if r.done(key, flag, seed, a.entries):
                     print(f"{r.result(key, flag, seed).stem}: done before", flush=True)
                     continue
                 r.ensure(key, flag, seed, need_entry=a.entries)
