@@ -172,6 +172,7 @@ class FitSettings:
     gamma: float = 0.1
     warmup_epochs: float = 0.0
     min_steps: int = 0
+    max_steps: int = 0  # > 0: fewer epochs on large datasets, whole epochs of at most this many steps
     amp: str = "none"
     channels_last: bool = False
     eval_batch_size: int = 256
@@ -299,8 +300,10 @@ def fit(
     n = x.shape[0]
     bs = s.batch_size
     steps = math.ceil(n / bs)
-    # A step budget for small datasets: 12 epochs of 546 images are too few updates to converge.
-    epochs_n = max(s.epochs, math.ceil(s.min_steps / steps))
+    # A step budget: 12 epochs of 546 images are too few updates to converge (min_steps), and 12 epochs
+    # of 34 581 images cost a CPU hours (max_steps). Whole epochs; min_steps wins where the two disagree.
+    epochs_n = min(s.epochs, max(1, s.max_steps // steps)) if s.max_steps else s.epochs
+    epochs_n = max(epochs_n, math.ceil(s.min_steps / steps))
     model.to(device).train()
     loss_fn.to(device)
     if sharded and any(p.requires_grad for p in loss_fn.parameters()):

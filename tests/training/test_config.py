@@ -172,7 +172,9 @@ def test_dump_roundtrip():
 @pytest.mark.parametrize("override,match", [("method=teacher", "method must be one of"),
                                             ("model.arch=vgg", "model.arch must be one of"),
                                             ("distributed.strategy=horovod", "distributed.strategy must be one of"),
-                                            ("data.dataset=mnist", "unknown MedMNIST 2D dataset")])
+                                            ("data.dataset=mnist", "unknown MedMNIST 2D dataset"),
+                                            ("train.max_steps=-1", r"train.max_steps must be 0 \(no cap\) or at "
+                                                                   r"least train.min_steps \(0\), got -1")])
 def test_recipe_value_checks(override, match):
     with pytest.raises(ValueError, match=match):
         parse_medalmighty(load_config(None, [override], family="medalmighty"))

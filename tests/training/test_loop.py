@@ -185,6 +185,20 @@ def test_min_steps_extends_epochs_and_schedule(monkeypatch):
     assert len(res.history) == 3  # min_steps below epochs x steps changes nothing
 
 
+def test_max_steps_caps_epochs_in_whole_epochs_and_min_steps_wins():
+    def epochs(**kw) -> int:
+        res = fit(nn.Linear(8, 1), _separable(96, 0), _separable(16, 1), task="binary-class",
+                  settings=_train_cfg(batch_size=16, **kw), loss_fn=MedAlmightyLoss("binary-class", 1.0),
+                  generator=torch.Generator().manual_seed(0))
+        return len(res.history)
+
+    # 96 samples, batch 16: 6 steps an epoch
+    assert epochs(epochs=5, max_steps=20) == 3   # 18 steps: whole epochs within the cap
+    assert epochs(epochs=2, max_steps=20) == 2   # a cap above epochs x steps changes nothing
+    assert epochs(epochs=5, max_steps=4) == 1    # at least one epoch
+    assert epochs(epochs=5, min_steps=13, max_steps=14) == 3  # min_steps wins: 18 steps
+
+
 def test_history_lr_is_the_lr_used_in_that_epoch():
     res = fit(nn.Linear(8, 1), _separable(32, 0), _separable(16, 1), task="binary-class",
               settings=_train_cfg(epochs=4, batch_size=16, lr=1.0, schedule="multistep"),

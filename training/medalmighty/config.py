@@ -104,6 +104,7 @@ class EnsembleConfig:
 class TrainConfig:
     epochs: int
     min_steps: int
+    max_steps: int
     batch_size: int
     optimizer: Optimizer
     lr: float
@@ -129,6 +130,8 @@ class TrainConfig:
               f"must be within [0, 16] pixels, got {self.crop_padding}")
         check(self.ema == 0 or 0 < self.ema < 1, "train.ema", f"must be 0 (off) or a decay in (0, 1), got {self.ema}")
         check(self.min_steps >= 0, "train.min_steps", f"must be >= 0, got {self.min_steps}")
+        check(self.max_steps == 0 or self.max_steps >= self.min_steps, "train.max_steps",
+              f"must be 0 (no cap) or at least train.min_steps ({self.min_steps}), got {self.max_steps}")
         check(self.batch_size >= 1, "train.batch_size", f"must be at least 1, got {self.batch_size}")
         check(self.lr > 0, "train.lr", f"must be positive, got {self.lr}")
         check(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")

@@ -63,6 +63,7 @@ def student_settings(cfg: MedAlmightyConfig, progress: bool) -> FitSettings:
     return FitSettings(epochs=t.epochs, batch_size=t.batch_size, optimizer=t.optimizer, lr=t.lr,
                        weight_decay=t.weight_decay, momentum=t.momentum, schedule=t.schedule,
                        milestones=t.milestones, gamma=t.gamma, warmup_epochs=t.warmup_epochs, min_steps=t.min_steps,
+                       max_steps=t.max_steps,
                        amp=t.amp, channels_last=t.channels_last, eval_batch_size=t.eval_batch_size,
                        log_test_every_epoch=t.log_test_every_epoch, progress=progress,
                        augment=augment_for(t.augment, cfg.data.dataset, t.flip, t.crop_padding),
