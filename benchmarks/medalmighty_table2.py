@@ -421,8 +421,8 @@ def _dataset_table(arch: str, flag: str, rows: dict, lines: list[str]) -> dict:
                f"ViT-B/14 teacher): ResNet-50 ACC {_pf(paper.get('ResNet-50 acc'))}, MedAlmighty ACC "
                f"{_pf(paper.get('MedAlmighty acc'))}, CA-MKD ACC {_pf(paper.get('CA-MKD acc'))}.")
               if ref18 and best else "",
-              "", "| method | seeds | test ACC | test AUC | val AUC | teacher test ACC | teacher check | "
-              "Δ ACC vs plain (95 % CI) | Δ AUC vs plain (95 % CI) |", "|---|---|---|---|---|---|---|---|---|"]
+              "", "| method | seeds | epochs | test ACC | test AUC | val AUC | teacher test ACC | teacher check | "
+              "Δ ACC vs plain (95 % CI) | Δ AUC vs plain (95 % CI) |", "|---|---|---|---|---|---|---|---|---|---|"]
     keyed = [(k, m.label, m.plain, rows.get((arch, flag, k))) for k, m in METHODS.items()]
     keyed += [(k, label, None, _teacher_rows(rows.get((arch, flag, src), {}))) for k, (src, label) in DERIVED.items()]
     for key, label, plain, runs in keyed:
@@ -440,10 +440,13 @@ def _dataset_table(arch: str, flag: str, rows: dict, lines: list[str]) -> dict:
         if verdicts:  # a DINO-MX backbone: whether its objective stayed alive (training/dinomx/monitor.py)
             gate = "collapsed" if any(verdicts) else "objective alive"
         cmp = paired(runs, rows.get((arch, flag, plain), {}), labels) if plain else None
+        # The schedule each run trained for (cpu-fast's step bounds give a dataset its own epoch count).
+        epochs = sorted({r["epochs"] for r in runs.values() if r.get("epochs")})
         ds["methods"][key] = {"label": label, "acc": acc, "auc": auc, "val_auc": vauc, "seeds": sorted(runs),
-                              "teacher_test_acc": _ms(tacc) if tacc else None, "teacher_check": gate, "vs": plain,
-                              "paired": cmp}
-        lines.append(f"| {label} (`{key}`) | {len(runs)} | {_fmt(acc)} | {_fmt(auc)} | {_fmt(vauc)} | "
+                              "epochs": epochs, "teacher_test_acc": _ms(tacc) if tacc else None,
+                              "teacher_check": gate, "vs": plain, "paired": cmp}
+        lines.append(f"| {label} (`{key}`) | {len(runs)} | {', '.join(map(str, epochs)) or '—'} | {_fmt(acc)} | "
+                     f"{_fmt(auc)} | {_fmt(vauc)} | "
                      f"{_fmt(_ms(tacc)) if tacc else '—'} | {gate} | {_ci(cmp, 'acc')} | {_ci(cmp, 'auc')} |")
     lines.append("")
     return ds

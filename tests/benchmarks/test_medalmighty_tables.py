@@ -23,7 +23,8 @@ def _row(method: str, seed: int, correct: np.ndarray, labels: np.ndarray, auc: f
     return {"run": T2.run_id(method, arch, "breastmnist", seed), "method": method, "arch": arch,
             "dataset": "breastmnist", "seed": seed, "task": "binary-class",
             "val": {"acc": float(correct.mean()), "auc": auc}, "test": {"acc": float(correct.mean()), "auc": auc},
-            "teacher": teacher, "teacher_gate": None, "test_pred": T2.pack_predictions(probs, "binary-class")}
+            "teacher": teacher, "teacher_gate": None, "test_pred": T2.pack_predictions(probs, "binary-class"),
+            "epochs": 100}
 
 
 @pytest.fixture
@@ -79,6 +80,7 @@ def test_paired_differences_and_intervals_follow_their_formulas(runs, tmp_path):
     assert g["met"] is bool(d.mean() >= 0.005)
     md = (tmp_path / "table2.md").read_text()
     assert "Chance (majority class) test ACC" in md and "`kd-ens`" in md
+    assert ds["methods"]["kd-ens"]["epochs"] == [100] and "(`kd-ens`) | 3 | 100 |" in md  # the schedule trained
     assert ds["methods"]["dinomx"]["teacher_check"] == "objective alive"  # the collapse monitor's verdict
     assert (tmp_path / "medalmighty_table4.md").is_file()
 
