@@ -301,7 +301,7 @@ def fit(
     bs = s.batch_size
     steps = math.ceil(n / bs)
     # A step budget: 12 epochs of 546 images are too few updates to converge (min_steps), and 12 epochs
-    # of 34 581 images cost a CPU hours (max_steps). Whole epochs; min_steps wins where the two disagree.
+    # of 34 581 images take hours on a CPU (max_steps). Whole epochs; min_steps wins where the two disagree.
     epochs_n = min(s.epochs, max(1, s.max_steps // steps)) if s.max_steps else s.epochs
     epochs_n = max(epochs_n, math.ceil(s.min_steps / steps))
     model.to(device).train()
